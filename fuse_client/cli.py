@@ -1,0 +1,72 @@
+"""The `blackmatch` command line: argument parsing and dispatch to the subcommands.
+
+Errors that come from bad input (a malformed cap, a missing file, a broken node directory) are printed as one
+line and exit with status 1; usage mistakes exit with status 2 via argparse. No traceback reaches the user.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lafs_core.errors import LafsError
+
+from . import debug_commands
+
+DEFAULT_NODE_DIRECTORY = Path("~/.blackmatch").expanduser()
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_node_directory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-d",
+        "--node-directory",
+        metavar="NODEDIR",
+        type=Path,
+        default=None,
+        help=f"node directory (default {DEFAULT_NODE_DIRECTORY} when it exists)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blackmatch",
+        description="Use a Tahoe-LAFS grid from ordinary software.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    debug = commands.add_parser("debug", help="inspect formats without a grid")
+    debug_sub = debug.add_subparsers(dest="debug_command", metavar="DEBUGCOMMAND", required=True)
+    cap = debug_sub.add_parser("cap", help="print the cap a file would get, without uploading it")
+    cap.add_argument("file", type=Path, help="local file")
+    add_node_directory_option(cap)
+    cap.add_argument("--convergence", metavar="BASE32", help="convergence secret (default: the node's)")
+    cap.add_argument("--needed", "-k", type=int, metavar="K", help="shares needed (default 3 or the node's)")
+    cap.add_argument("--total", "-N", type=int, metavar="N", help="shares in all (default 10 or the node's)")
+    cap.add_argument(
+        "--max-segment-size",
+        type=int,
+        metavar="BYTES",
+        default=None,
+        help="maximum segment size (default 1048576; Tahoe up to 1.18 used 131072)",
+    )
+    cap.set_defaults(handler=debug_commands.cap_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (LafsError, OSError, ValueError) as exc:
+        print(f"blackmatch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""grid_server: filesystem semantics over a grid (inodes, cache, upload queue) and the RPC daemon."""

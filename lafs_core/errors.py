@@ -1,0 +1,29 @@
+"""Exceptions shared by the format modules, so callers can tell bad input from bad shares."""
+
+
+class LafsError(Exception):
+    """Base class of every error lafs_core raises on purpose."""
+
+
+class FormatError(LafsError, ValueError):
+    """Bytes or text that do not parse as the format they claim to be."""
+
+
+class CapError(FormatError):
+    """A capability string that is malformed (wrong length, bad base32, bad numbers)."""
+
+
+class BadShareError(LafsError):
+    """A share failed verification: its bytes do not match the hashes the cap commits to.
+
+    ``shnum`` names the share so the caller can drop it and use another one.
+    """
+
+    def __init__(self, shnum: int, reason: str) -> None:
+        super().__init__(f"share {shnum}: {reason}")
+        self.shnum = shnum
+        self.reason = reason
+
+
+class NotEnoughSharesError(LafsError):
+    """Fewer than k good shares are available, so the data cannot be recovered."""

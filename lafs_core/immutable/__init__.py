@@ -1,0 +1,1 @@
+"""CHK immutable files: encoding parameters, share layout, streaming encoder and verifying decoder."""
