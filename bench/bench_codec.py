@@ -92,7 +92,7 @@ def main() -> None:
             share += piece
 
     cap = encode(keep)
-    readers = {s: (lambda d: (lambda off, length: d[off : off + length]))(bytes(shares[s])) for s in range(k)}
+    readers = {s: (lambda d: lambda off, length: d[off : off + length])(bytes(shares[s])) for s in range(k)}
 
     def decode() -> None:
         reader = ChkReader(cap, range(k))
