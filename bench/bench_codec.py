@@ -18,7 +18,8 @@ import zfec
 
 from lafs_core.caps import ChkCap
 from lafs_core.crypto import AesCtr
-from lafs_core.immutable.decode import ChkReader, drive
+from lafs_core.fetch import drive
+from lafs_core.immutable.decode import ChkReader
 from lafs_core.immutable.encode import ChkEncoder, ShareWrite, convergent_key
 from lafs_core.immutable.params import ChkParameters
 

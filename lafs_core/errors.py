@@ -1,5 +1,7 @@
 """Exceptions shared by the format modules, so callers can tell bad input from bad shares."""
 
+from collections.abc import Hashable
+
 
 class LafsError(Exception):
     """Base class of every error lafs_core raises on purpose."""
@@ -16,12 +18,13 @@ class CapError(FormatError):
 class BadShareError(LafsError):
     """A share failed verification: its bytes do not match the hashes the cap commits to.
 
-    ``shnum`` names the share so the caller can drop it and use another one.
+    ``share`` names the share (its number, or whatever key the reader was given) so the caller can drop it and
+    use another one.
     """
 
-    def __init__(self, shnum: int, reason: str) -> None:
-        super().__init__(f"share {shnum}: {reason}")
-        self.shnum = shnum
+    def __init__(self, share: Hashable, reason: str) -> None:
+        super().__init__(f"share {share}: {reason}")
+        self.share = share
         self.reason = reason
 
 

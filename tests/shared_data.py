@@ -2,12 +2,15 @@
 
 import base64
 import os
-import struct
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import yaml
+
+from lafs_core import base32
+from lafs_core.mutable.retrieve import ShareRef
+from lafs_core.storage.containers import share_data
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BLACKMATCH_SHARED", ROOT.parent / "shared"))
@@ -96,7 +99,13 @@ def sample_share_files(storage_index_b32: str) -> dict[int, Path]:
     return found
 
 
-def immutable_container_data(raw: bytes) -> bytes:
-    """The share data inside a Tahoe immutable container: after the 12-byte header, before the leases."""
-    _version, _size, num_leases = struct.unpack(">LLL", raw[:12])
-    return raw[12 : len(raw) - 72 * num_leases]
+def sample_shares(storage_index: bytes) -> dict[ShareRef, bytes]:
+    """(server, share number) -> share data, read out of the sample grid's container files."""
+    si = base32.encode(storage_index)
+    found = {}
+    for server in sorted((SAMPLE_GRID / "servers").iterdir()):
+        bucket = server / "shares" / si[:2] / si
+        if bucket.is_dir():
+            for share in bucket.iterdir():
+                found[ShareRef(server.name, int(share.name))] = share_data(share.read_bytes())
+    return found

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from lafs_core.caps import ChkCap, LiteralCap
 from lafs_core.errors import FormatError, LafsError, NotEnoughSharesError
-from lafs_core.immutable.decode import ChkReader, drive, read_shares
+from lafs_core.fetch import drive
+from lafs_core.immutable.decode import ChkReader, read_shares
 from lafs_core.immutable.encode import ChkEncoder, encode_bytes
 from lafs_core.immutable.layout import parse_header, parse_uri_extension
 from lafs_core.immutable.params import ChkParameters

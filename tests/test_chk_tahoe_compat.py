@@ -9,11 +9,11 @@ from lafs_core import base32
 from lafs_core.caps import ChkCap, parse_known_cap
 from lafs_core.immutable.decode import read_shares
 from lafs_core.immutable.encode import encode_bytes
+from lafs_core.storage.containers import share_data
 
 from .shared_data import (
     SAMPLE_GRID,
     cap_vectors,
-    immutable_container_data,
     sample_caps,
     sample_convergence,
     sample_plaintext,
@@ -73,7 +73,7 @@ def test_share_data_is_byte_identical_to_tahoe(name):
     files = sample_share_files(base32.encode(cap.storage_index))
     assert sorted(files) == list(range(10))
     for shnum, path in files.items():
-        assert immutable_container_data(path.read_bytes()) == shares[shnum], f"share {shnum} differs"
+        assert share_data(path.read_bytes()) == shares[shnum], f"share {shnum} differs"
 
 
 @pytest.mark.parametrize("name", SAMPLE_CHK)
@@ -81,7 +81,7 @@ def test_tahoe_shares_decode(name):
     cap = parse_known_cap(sample_caps()[name])
     assert isinstance(cap, ChkCap)
     files = sample_share_files(base32.encode(cap.storage_index))
-    shares = {shnum: immutable_container_data(path.read_bytes()) for shnum, path in files.items()}
+    shares = {shnum: share_data(path.read_bytes()) for shnum, path in files.items()}
     plaintext = sample_plaintext(name)
     assert read_shares(cap, shares) == plaintext
     # Any three shares will do, including only check shares.

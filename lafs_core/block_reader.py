@@ -1,0 +1,219 @@
+"""The engine shared by the CHK and mutable readers: pick k shares, fetch, verify, replace bad ones, decode.
+
+A concrete reader says what a share needs before its blocks can be trusted (`_setup_needs`), what a segment
+needs (`_segment_needs`), how a block is checked (`_checked_block`) and how k blocks become plaintext
+(`_decode`). The engine does the rest in the sans-IO protocol of `lafs_core.fetch`: choosing shares with
+distinct numbers, preferring ones already set up, retrying after a share turns out bad or unreadable, and
+detecting truncated shares (a span asked for twice in a row).
+
+Shares are named by keys: the share number for CHK files, (server, number) for mutable ones.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator, Hashable, Iterable
+from typing import Any
+
+from .errors import BadShareError, FormatError, NotEnoughSharesError
+from .fetch import ByteCache, FetchBatch, FetchResults, Span
+from .hashtree import BadHashError, IncompleteHashTree, NotEnoughHashesError
+
+
+class ShareState:
+    """What a reader knows of one share: fetched bytes and, once set up, its trusted block-tree root."""
+
+    def __init__(self, key: Hashable, shnum: int) -> None:
+        self.key = key
+        self.shnum = shnum
+        self.cache = ByteCache()
+        self.block_tree: IncompleteHashTree | None = None
+        self.last_requested: list[Span] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.block_tree is not None
+
+    def nodes(self, region_start: int, nodes: Iterable[int]) -> dict[int, bytes]:
+        found = self.cache.nodes(region_start, nodes)
+        if found is None:
+            raise BadShareError(self.key, "hash node missing (share truncated)")
+        return found
+
+    def check_block(self, tree_start: int, segnum: int, leaf: bytes) -> None:
+        """Check a block's leaf hash against this share's block tree (nodes read from `tree_start`)."""
+        assert self.block_tree is not None
+        nodes = self.nodes(tree_start, self.block_tree.needed_hashes(segnum))
+        try:
+            self.block_tree.set_hashes(nodes, leaves={segnum: leaf})
+        except (BadHashError, NotEnoughHashesError) as exc:
+            raise BadShareError(self.key, f"block {segnum} fails its hash check: {exc}") from None
+
+
+class BlockReader(ABC):
+    """Verified reading of segments from whichever shares are offered (any k with distinct numbers)."""
+
+    def __init__(self, needed: int) -> None:
+        self.needed = needed
+        self.bad_shares: dict[Hashable, str] = {}
+        self.unavailable: dict[Hashable, str] = {}
+        self._shares: dict[Hashable, ShareState] = {}
+        self._order: list[Hashable] = []
+
+    # --- what a concrete reader supplies -----------------------------------------------------------------
+    @property
+    @abstractmethod
+    def num_segments(self) -> int:
+        """Known once `open` has run."""
+
+    @property
+    @abstractmethod
+    def segment_size(self) -> int:
+        """Plaintext bytes per segment; known once `open` has run."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Plaintext bytes of the whole file."""
+
+    @abstractmethod
+    def _setup_needs(self, share: ShareState) -> list[Span]:
+        """Spans still needed to make the share ready (`share.block_tree` set); raise FormatError if bad."""
+
+    def _plan(self, segnum: int, chosen: list[ShareState]) -> Any:
+        """Per-segment state shared by the hooks below (the CHK reader keeps its crypttext-tree source here)."""
+        return None
+
+    @abstractmethod
+    def _segment_needs(self, share: ShareState, segnum: int, plan: Any) -> list[Span]: ...
+
+    @abstractmethod
+    def _checked_block(self, share: ShareState, segnum: int, plan: Any) -> bytes: ...
+
+    @abstractmethod
+    def _decode(self, segnum: int, blocks: dict[int, bytes], plan: Any) -> bytes:
+        """Plaintext of the segment from k checked blocks; raise BadShareError to blame a share."""
+
+    # --- share bookkeeping -------------------------------------------------------------------------------
+    def add_share(self, key: Hashable, shnum: int) -> None:
+        """Offer a share; earlier offers are preferred."""
+        if key not in self._shares:
+            self._shares[key] = ShareState(key, shnum)
+            self._order.append(key)
+
+    def retry_unavailable(self, keys: Iterable[Hashable]) -> None:
+        """Make shares that could not be read candidates again."""
+        for key in keys:
+            self.unavailable.pop(key, None)
+
+    @property
+    def usable_shares(self) -> list[Hashable]:
+        return [k for k in self._order if k not in self.bad_shares and k not in self.unavailable]
+
+    def _choose(self, count: int, exclude_shnums: Iterable[int] = ()) -> list[ShareState]:
+        """`count` usable shares with distinct numbers not in `exclude_shnums`, set-up ones first."""
+        taken = set(exclude_shnums)
+        candidates = [self._shares[k] for k in self.usable_shares]
+        chosen: list[ShareState] = []
+        for share in [s for s in candidates if s.ready] + [s for s in candidates if not s.ready]:
+            if len(chosen) < count and share.shnum not in taken:
+                chosen.append(share)
+                taken.add(share.shnum)
+        if len(chosen) < count:
+            dropped = {**self.unavailable, **self.bad_shares}
+            reasons = "".join(f"; share {k}: {r}" for k, r in dropped.items())
+            distinct = len({self._shares[k].shnum for k in self.usable_shares})
+            raise NotEnoughSharesError(
+                f"{distinct} usable shares of the {self.needed} needed ({len(self._shares)} found{reasons})"
+            )
+        return chosen
+
+    def _drop(self, key: Hashable, exc: Exception) -> None:
+        self.bad_shares.setdefault(key, exc.reason if isinstance(exc, BadShareError) else str(exc))
+
+    def _collect(self, chosen: list[ShareState], needs_of: Callable[[ShareState], list[Span]]) -> FetchBatch | None:
+        """Ask each chosen share what it needs; None when one turned out bad (so choose again)."""
+        batch = FetchBatch()
+        for share in chosen:
+            try:
+                spans = needs_of(share)
+                if spans and spans == share.last_requested:
+                    raise FormatError("share is truncated")
+            except (FormatError, BadShareError) as exc:
+                self._drop(share.key, exc)
+                return None
+            if spans:
+                batch.requests[share.key] = spans
+        return batch
+
+    def _receive(self, batch: FetchBatch, results: FetchResults) -> None:
+        for key, spans in batch.requests.items():
+            share = self._shares[key]
+            share.last_requested = spans
+            got = results.get(key)
+            if not isinstance(got, list) or len(got) != len(spans):
+                self.unavailable.setdefault(key, f"read failed: {got!r}")
+                continue
+            for (offset, _length), data in zip(spans, got, strict=True):
+                share.cache.add(offset, bytes(data))
+
+    # --- reading -----------------------------------------------------------------------------------------
+    def _setup(self, chosen: list[ShareState]) -> Generator[FetchBatch, FetchResults, bool]:
+        """Make the chosen shares ready; False if one turned out bad (choose again)."""
+        while True:
+            batch = self._collect(chosen, self._setup_needs)
+            if batch is None:
+                return False
+            if not batch.requests:
+                return True
+            self._receive(batch, (yield batch))
+            if any(share.key in self.unavailable for share in chosen):
+                return False
+
+    def open(self) -> Generator[FetchBatch, FetchResults, None]:
+        """Set up k shares, which teaches the reader the file's parameters, without reading a block."""
+        while not (yield from self._setup(self._choose(self.needed))):
+            pass
+
+    def segment(self, segnum: int) -> Generator[FetchBatch, FetchResults, bytes]:
+        """Fetch, check, decode and decrypt one segment; returns its plaintext."""
+        yield from self.open()
+        if not 0 <= segnum < self.num_segments:
+            raise IndexError(f"segment {segnum} out of range (file has {self.num_segments})")
+        blocks: dict[int, bytes] = {}
+        while True:
+            chosen = self._choose(self.needed - len(blocks), exclude_shnums=blocks)
+            if not (yield from self._setup(chosen)):
+                continue
+            plan = self._plan(segnum, chosen)
+            batch = self._collect(chosen, lambda share, p=plan: self._segment_needs(share, segnum, p))
+            if batch is None:
+                continue
+            if batch.requests:
+                self._receive(batch, (yield batch))
+            for share in chosen:
+                if share.key in self.unavailable:
+                    continue
+                try:
+                    blocks[share.shnum] = self._checked_block(share, segnum, plan)
+                except (BadShareError, FormatError) as exc:
+                    self._drop(share.key, exc)
+            if len(blocks) < self.needed:
+                continue
+            try:
+                return self._decode(segnum, blocks, plan)
+            except BadShareError as exc:
+                self._drop(exc.share, exc)
+                blocks.pop(self._shares[exc.share].shnum, None)
+
+    def read(self, start: int, end: int) -> Generator[FetchBatch, FetchResults, bytes]:
+        """Plaintext bytes [start, end), fetching only the segments that cover them."""
+        end = min(end, self.size)
+        if start >= end:
+            return b""
+        yield from self.open()
+        segsize = self.segment_size
+        pieces = []
+        for segnum in range(start // segsize, (end - 1) // segsize + 1):
+            data = yield from self.segment(segnum)
+            seg_start = segnum * segsize
+            pieces.append(data[max(start - seg_start, 0) : end - seg_start])
+        return b"".join(pieces)
