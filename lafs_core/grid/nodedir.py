@@ -1,11 +1,25 @@
-"""A node directory, compatible with a Tahoe client's: `tahoe.cfg`, `private/convergence`, `private/secret`.
+"""A node directory, compatible with a Tahoe client's: `tahoe.cfg`, secrets, aliases and storage servers.
 
-Only reading and writing of the files lives here; what the values mean is in the format modules.
+    tahoe.cfg                                  [client] shares.needed / shares.happy / shares.total
+    private/convergence, private/secret        the convergence and lease secrets, base32
+    private/aliases                            `name: URI:DIR2:...` per line
+    private/servers.yaml                       static servers: Tahoe's format, plus `local: PATH` entries
+    private/introducer_default_cache.yaml      announcements cached by a Tahoe client (read if present)
+    private/blackmatch/                        blackmatch's own state (0700)
+
+Only reading and writing of these files lives here; what the values mean is in the format modules.
 """
 
+from __future__ import annotations
+
 import configparser
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .. import base32
 from ..errors import LafsError
@@ -30,15 +44,36 @@ class EncodingConfig:
             raise NodeDirectoryError(f"impossible encoding: needed={self.needed} happy={self.happy} total={self.total}")
 
 
+@dataclass(frozen=True)
+class ServerSpec:
+    """One configured storage server: a Tahoe announcement (reached over GBS) or a local share directory."""
+
+    server_id: str
+    nickname: str
+    announcement: dict[str, Any] | None = None
+    local_path: Path | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_path is not None
+
+
 class NodeDirectory:
     """Paths and settings of one node directory."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
+        self.path = Path(path).expanduser().absolute()
 
     @property
     def private(self) -> Path:
         return self.path / "private"
+
+    @property
+    def state_dir(self) -> Path:
+        """blackmatch's own private state; created 0700 on first use."""
+        directory = self.private / "blackmatch"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return directory
 
     def exists(self) -> bool:
         return (self.path / "tahoe.cfg").is_file() or self.private.is_dir()
@@ -66,13 +101,20 @@ class NodeDirectory:
                 raise NodeDirectoryError(f"tahoe.cfg: [client] {key} = {raw!r} is not a number") from None
 
         total = number("shares.total", DEFAULT_TOTAL)
-        # Tahoe's default happiness (7) cannot be met with fewer shares; a smaller N implies a smaller default.
+        # Tahoe's default happiness (7) cannot be met with fewer shares: a smaller N lowers the default.
         return EncodingConfig(
-            number("shares.needed", DEFAULT_NEEDED),
-            number("shares.happy", min(DEFAULT_HAPPY, total)),
-            total,
+            number("shares.needed", DEFAULT_NEEDED), number("shares.happy", min(DEFAULT_HAPPY, total)), total
         )
 
+    def mutable_format(self) -> str:
+        """`[client] mutable.format`: "sdmf" (default) or "mdmf" for new directories and mutable files."""
+        config = self.config()
+        value = config.get("client", "mutable.format", fallback="sdmf").strip().lower()
+        if value not in ("sdmf", "mdmf"):
+            raise NodeDirectoryError(f"tahoe.cfg: [client] mutable.format = {value!r}: use sdmf or mdmf")
+        return value
+
+    # --- secrets ---------------------------------------------------------------------------------------------
     def _secret(self, name: str) -> bytes:
         path = self.private / name
         try:
@@ -91,3 +133,141 @@ class NodeDirectory:
 
     def lease_secret(self) -> bytes:
         return self._secret("secret")
+
+    # --- aliases ---------------------------------------------------------------------------------------------
+    def aliases(self) -> dict[str, str]:
+        path = self.private / "aliases"
+        if not path.exists():
+            return {}
+        aliases = {}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, cap = line.partition(":")
+            if not sep or not cap.strip():
+                raise NodeDirectoryError(f"{path}:{number}: expected 'name: cap'")
+            aliases[name.strip()] = cap.strip()
+        return aliases
+
+    def set_alias(self, name: str, cap: str) -> None:
+        aliases = {**self.aliases(), name: cap}
+        text = "".join(f"{alias}: {value}\n" for alias, value in aliases.items())
+        _write_private(self.private / "aliases", text)
+
+    # --- servers ---------------------------------------------------------------------------------------------
+    def servers(self) -> list[ServerSpec]:
+        """Static servers of `private/servers.yaml`, then those of a Tahoe client's introducer cache."""
+        specs: dict[str, ServerSpec] = {}
+        static = self.private / "servers.yaml"
+        if static.exists():
+            for spec in parse_servers_yaml(_load_yaml(static), static.parent):
+                specs[spec.server_id] = spec
+        cache = self.private / "introducer_default_cache.yaml"
+        if cache.exists():
+            for spec in parse_announcement_list(_load_yaml(cache) or []):
+                specs.setdefault(spec.server_id, spec)
+        return list(specs.values())
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise NodeDirectoryError(f"cannot read {path}: {exc}") from None
+
+
+def parse_servers_yaml(document: Any, base: Path) -> list[ServerSpec]:
+    """Servers of a `servers.yaml` document: `storage: {id: {ann: {...}} | {local: PATH}}`."""
+    if document is None:
+        return []
+    if not isinstance(document, dict) or not isinstance(document.get("storage", {}), dict):
+        raise NodeDirectoryError("servers.yaml must map 'storage' to server entries")
+    specs = []
+    for server_id, entry in (document.get("storage") or {}).items():
+        if not isinstance(entry, dict):
+            raise NodeDirectoryError(f"servers.yaml: entry {server_id!r} is not a mapping")
+        ann = entry.get("ann") or {}
+        if not isinstance(ann, dict):
+            raise NodeDirectoryError(f"servers.yaml: {server_id!r} has a malformed 'ann'")
+        nickname = str(ann.get("nickname") or server_id)
+        if "local" in entry:
+            local = Path(str(entry["local"])).expanduser()
+            specs.append(ServerSpec(str(server_id), nickname, None, local if local.is_absolute() else base / local))
+        else:
+            specs.append(ServerSpec(str(server_id), nickname, ann))
+    return specs
+
+
+def parse_announcement_list(document: Any) -> list[ServerSpec]:
+    """Servers of Tahoe's introducer cache: a list of `{key_s: id, ann: {...}}` (storage announcements only)."""
+    if not isinstance(document, list):
+        raise NodeDirectoryError("introducer cache is not a list of announcements")
+    specs = []
+    for item in document:
+        if not isinstance(item, dict) or not isinstance(item.get("ann"), dict):
+            continue
+        ann = item["ann"]
+        if ann.get("service-name", "storage") != "storage":
+            continue
+        server_id = str(item.get("key_s") or ann.get("anonymous-storage-FURL") or "")
+        if server_id:
+            specs.append(ServerSpec(server_id, str(ann.get("nickname") or server_id), ann))
+    return specs
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def create_node_directory(
+    path: Path,
+    *,
+    encoding: EncodingConfig,
+    server_files: list[Path] = (),  # type: ignore[assignment]
+    local_servers: list[Path] = (),  # type: ignore[assignment]
+    local_grid: int | None = None,
+) -> NodeDirectory:
+    """Make a node directory. Servers: the entries of `server_files` (servers.yaml format) and the
+    `local_servers` directories; with neither, an embedded grid of `local_grid` (default N) share stores."""
+    node = NodeDirectory(path)
+    if node.exists():
+        raise NodeDirectoryError(f"{node.path} already exists as a node directory")
+    node.path.mkdir(parents=True, exist_ok=True)
+    node.private.mkdir(mode=0o700, exist_ok=True)
+    (node.path / "tahoe.cfg").write_text(
+        "# Written by blackmatch create-node; Tahoe-compatible settings.\n"
+        "[node]\nnickname = blackmatch\n\n"
+        f"[client]\nshares.needed = {encoding.needed}\nshares.happy = {encoding.happy}\n"
+        f"shares.total = {encoding.total}\n\n[storage]\nenabled = false\n",
+        encoding="utf-8",
+    )
+    _write_private(node.private / "convergence", base32.encode(os.urandom(32)) + "\n")
+    _write_private(node.private / "secret", base32.encode(os.urandom(32)) + "\n")
+    storage: dict[str, Any] = {}
+    for server_file in server_files:
+        document = _load_yaml(Path(server_file))
+        parse_servers_yaml(document, Path(server_file).parent)  # validate before copying
+        storage.update(document.get("storage") or {})
+    for directory in local_servers:
+        directory = Path(directory).expanduser().absolute()
+        if not (directory / "shares").is_dir():
+            raise NodeDirectoryError(f"{directory} has no shares/ directory")
+        server_id = "local-" + hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+        storage[server_id] = {"local": str(directory), "ann": {"nickname": directory.name}}
+    if not server_files and not local_servers:
+        count = local_grid or encoding.total
+        for i in range(count):
+            directory = node.path / "local-grid" / f"server-{i}"
+            (directory / "shares").mkdir(parents=True, exist_ok=True)
+            storage[f"local-grid-{i}"] = {"local": str(directory), "ann": {"nickname": f"local-{i}"}}
+    _write_private(node.private / "servers.yaml", yaml.safe_dump({"storage": storage}, sort_keys=True))
+    return node

@@ -11,7 +11,7 @@ fails a check is dropped, recorded in `bad_shares` with the reason, and replaced
 cannot be read goes to `unavailable`. If fewer than k usable shares remain, NotEnoughSharesError says why.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..block_reader import BlockReader, ShareState
@@ -62,17 +62,21 @@ class ChkReader(BlockReader):
         self.cap = cap
         self.ueb: UriExtension | None = None
         self.params: ChkParameters | None = None
-        self._offsets: dict[int, ShareOffsets] = {}
+        self._offsets: dict[Hashable, ShareOffsets] = {}
         self._share_tree = IncompleteHashTree(cap.total)
         self._crypttext_tree = IncompleteHashTree(1)
         self._codecs: dict[int, CrsCodec] = {}
         self.add_shares(shnums)
 
     def add_shares(self, shnums: Iterable[int]) -> None:
-        """Offer more shares, in order of preference. Numbers outside 0..N-1 are ignored."""
+        """Offer more shares named by their numbers, in order of preference."""
         for shnum in shnums:
-            if 0 <= shnum < self.cap.total:
-                self.add_share(shnum, shnum)
+            self.add_share(shnum, shnum)
+
+    def add_share(self, key: Hashable, shnum: int) -> None:
+        """Offer one share (copies on different servers get different keys). Numbers outside 0..N-1 are ignored."""
+        if 0 <= shnum < self.cap.total:
+            super().add_share(key, shnum)
 
     @property
     def num_segments(self) -> int:
@@ -92,12 +96,12 @@ class ChkReader(BlockReader):
     def _setup_needs(self, share: ShareState) -> list[Span]:
         if share.ready:
             return []
-        off = self._offsets.get(share.shnum)
+        off = self._offsets.get(share.key)
         if off is None:
             first = share.cache.at(0)
             if first is None:
                 return self._first_reads()
-            off = self._offsets[share.shnum] = parse_header(first)
+            off = self._offsets[share.key] = parse_header(first)
         if off.uri_extension - off.share_hashes > _MAX_CHAIN_BYTES:
             raise FormatError("share hash chain region is implausibly large")
         needs: list[Span] = []
@@ -172,11 +176,11 @@ class ChkReader(BlockReader):
 
     def _block_span(self, share: ShareState, segnum: int) -> Span:
         assert self.params is not None
-        return (self._offsets[share.shnum].data + segnum * self.params.block_size, self.params.block_length(segnum))
+        return (self._offsets[share.key].data + segnum * self.params.block_size, self.params.block_length(segnum))
 
     def _segment_needs(self, share: ShareState, segnum: int, plan: _SegmentPlan) -> list[Span]:
         assert self.params is not None and share.block_tree is not None
-        off = self._offsets[share.shnum]
+        off = self._offsets[share.key]
         block = self._block_span(share, segnum)
         spans = [] if share.cache.get(*block) is not None else [block]
         num_nodes = tree_size(self.params.num_segments)
@@ -187,7 +191,7 @@ class ChkReader(BlockReader):
         return spans
 
     def _checked_block(self, share: ShareState, segnum: int, plan: _SegmentPlan) -> bytes:
-        off = self._offsets[share.shnum]
+        off = self._offsets[share.key]
         block_offset, length = self._block_span(share, segnum)
         block = share.cache.get(block_offset, length)
         share.cache.discard(block_offset)  # a block is used once; keep the cache to metadata

@@ -21,7 +21,10 @@ from ..hashes import HASH_SIZE, SALT_SIZE, ssk_pubkey_fingerprint_hash, ssk_read
 from ..hashtree import BadHashError, HashTree, IncompleteHashTree, NotEnoughHashesError, roundup_pow2, tree_size
 from .encode import leaf_hash
 from .layout import (
+    MDMF_CHECKSTRING_SIZE,
     MDMF_VERSION,
+    SDMF_CHECKSTRING_SIZE,
+    SDMF_VERSION,
     NeedMoreData,
     ShareHeader,
     SignedPrefix,
@@ -78,6 +81,7 @@ class ServerMap:
         except FormatError as exc:
             self.bad_shares[ref] = str(exc)
             self.headers.pop(ref, None)
+            self.raw[ref] = data
             return None
         self.headers[ref] = header
         self.raw[ref] = data
@@ -102,9 +106,14 @@ class ServerMap:
         return max((h.prefix.seqnum for h in self.headers.values()), default=0)
 
     def checkstring(self, ref: ShareRef) -> bytes | None:
-        """The checkstring of the share at `ref`, if one was seen there."""
+        """The checkstring of the share at `ref`, if one was seen there (even a bad share has one to test)."""
         header = self.headers.get(ref)
-        return header.prefix.checkstring() if header else None
+        if header:
+            return header.prefix.checkstring()
+        raw = self.raw.get(ref)
+        if not raw:
+            return None
+        return raw[: SDMF_CHECKSTRING_SIZE if raw[0] == SDMF_VERSION else MDMF_CHECKSTRING_SIZE]
 
     def shares_of(self, version: SignedPrefix) -> list[ShareRef]:
         return self.versions().get(version, [])

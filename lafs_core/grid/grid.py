@@ -1,0 +1,95 @@
+"""A client's view of one grid: its storage servers, its secrets and its encoding parameters.
+
+Everything that talks to servers (upload, download, mutable publish and retrieve, directories) takes a Grid.
+It derives the per-server secrets exactly as Tahoe does, from the node's lease secret and each server's
+TubID, so leases and write enablers set by blackmatch are the ones a Tahoe client would present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+from .. import rsa
+from ..hashes import (
+    bucket_cancel_secret_hash,
+    bucket_renewal_secret_hash,
+    file_cancel_secret_hash,
+    file_renewal_secret_hash,
+    my_cancel_secret_hash,
+    my_renewal_secret_hash,
+)
+from ..immutable.params import DEFAULT_MAX_SEGMENT_SIZE
+from ..mutable.keys import write_enabler
+from .nodedir import EncodingConfig
+from .selection import permuted
+from .server_api import LeaseSecrets, ServerUnavailableError, StorageServer, StorageServerError
+
+log = logging.getLogger("blackmatch.grid")
+
+
+@dataclass
+class Grid:
+    """Servers plus the secrets and settings an upload or download needs."""
+
+    servers: list[StorageServer]
+    convergence: bytes
+    lease_secret: bytes
+    encoding: EncodingConfig
+    mutable_format: str = "sdmf"
+    max_segment_size: int = DEFAULT_MAX_SEGMENT_SIZE
+    new_private_key: Callable[[], RSAPrivateKey] = rsa.generate_private_key
+
+    def permuted(self, storage_index: bytes) -> list[StorageServer]:
+        return permuted(self.servers, storage_index)
+
+    def server(self, server_id: str) -> StorageServer:
+        for server in self.servers:
+            if server.server_id == server_id:
+                return server
+        raise KeyError(server_id)
+
+    def lease(self, storage_index: bytes, server: StorageServer) -> LeaseSecrets:
+        """The lease secrets for one share set on one server: client secret -> file secret -> bucket secret."""
+        renew = file_renewal_secret_hash(my_renewal_secret_hash(self.lease_secret), storage_index)
+        cancel = file_cancel_secret_hash(my_cancel_secret_hash(self.lease_secret), storage_index)
+        return LeaseSecrets(
+            bucket_renewal_secret_hash(renew, server.tubid), bucket_cancel_secret_hash(cancel, server.tubid)
+        )
+
+    def write_enabler(self, writekey: bytes, server: StorageServer) -> bytes:
+        return write_enabler(writekey, server.tubid)
+
+    async def private_key(self) -> RSAPrivateKey:
+        """A fresh RSA key for a new mutable file, made off the event loop (it takes a while)."""
+        return await trio.to_thread.run_sync(self.new_private_key)
+
+    async def aclose(self) -> None:
+        for server in self.servers:
+            await server.aclose()
+
+
+async def gather_per_server(
+    servers: Iterable[StorageServer], call: Callable[[StorageServer], object], timeout: float | None = None
+) -> dict[str, object]:
+    """Run `await call(server)` for every server at once; map server id -> result or the exception raised."""
+    results: dict[str, object] = {}
+
+    async def one(server: StorageServer) -> None:
+        try:
+            with trio.fail_after(timeout) if timeout else contextlib.nullcontext():
+                results[server.server_id] = await call(server)  # type: ignore[misc]
+        except trio.TooSlowError:
+            results[server.server_id] = ServerUnavailableError(f"{server.nickname}: no answer in {timeout} s")
+        except StorageServerError as exc:
+            results[server.server_id] = exc
+
+    async with trio.open_nursery() as nursery:
+        for server in servers:
+            nursery.start_soon(one, server)
+    return results

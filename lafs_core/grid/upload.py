@@ -1,0 +1,250 @@
+"""Immutable upload: place shares for servers-of-happiness, then stream the encoder's writes to them.
+
+Memory stays bounded: the encoder runs in a worker thread a couple of segments ahead of the network, and each
+share's writes are coalesced into requests of at most WRITE_COALESCE bytes. A server that fails mid-upload
+loses its shares; the upload carries on while the rest still meet happiness and otherwise aborts every
+writer and raises, so no cap is ever returned for a file the grid does not hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from .. import base32
+from ..caps import Cap, ChkCap, LiteralCap
+from ..errors import LafsError
+from ..hashes import storage_index_hash
+from ..immutable.encode import ChkEncoder, ShareWrite, convergent_key
+from ..immutable.params import LIT_THRESHOLD, ChkParameters
+from .grid import Grid, gather_per_server
+from .selection import happiness, spread
+from .server_api import AllocationResult, StorageServer, StorageServerError
+
+log = logging.getLogger("blackmatch.upload")
+
+WRITE_COALESCE = 1024 * 1024
+"""Per-share bytes gathered into one write request."""
+
+SEGMENTS_AHEAD = 2
+"""How many encoded segments may wait for the network: the upload's memory bound."""
+
+OpenChunks = Callable[[], Iterator[bytes]]
+
+
+class UploadUnhappyError(LafsError):
+    """The shares could not be spread over enough servers to meet the happiness requirement."""
+
+
+@dataclass
+class _ShareWriter:
+    """One share being uploaded to one server, with its not-yet-sent contiguous bytes."""
+
+    server: StorageServer
+    shnum: int
+    pending_offset: int = 0
+    pending: list[bytes] = field(default_factory=list)
+    pending_size: int = 0
+    complete: bool = False
+
+
+@dataclass
+class Placement:
+    """Which server writes which share, and which shares servers already hold (from an earlier upload)."""
+
+    writers: dict[int, _ShareWriter]
+    already_held: dict[str, set[int]]
+
+    def holdings(self) -> dict[str, set[int]]:
+        held = {server: set(shares) for server, shares in self.already_held.items()}
+        for writer in self.writers.values():
+            held.setdefault(writer.server.server_id, set()).add(writer.shnum)
+        return held
+
+
+async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upload_secret: bytes) -> Placement:
+    """Ask servers along the ring for buckets until every share has a home, or no server is left to ask."""
+    total = grid.encoding.total
+    ring = grid.permuted(storage_index)
+    writers: dict[int, _ShareWriter] = {}
+    held: dict[str, set[int]] = {}
+    refused: set[str] = set()
+    homeless = list(range(total))
+    candidates = ring[: max(total, 1)]
+    while homeless:
+        usable = [s for s in candidates if s.server_id not in refused]
+        if not usable:
+            extra = [s for s in ring if s not in candidates and s.server_id not in refused]
+            if not extra:
+                break
+            candidates += extra
+            continue
+        load = {sid: len(shares) for sid, shares in held.items()}
+        for writer in writers.values():
+            load[writer.server.server_id] = load.get(writer.server.server_id, 0) + 1
+        assignment = spread(homeless, [s.server_id for s in usable], load)
+        by_id = {s.server_id: s for s in usable}
+
+        async def ask(server: StorageServer, wanted: set[int]) -> AllocationResult:
+            lease = grid.lease(storage_index, server)
+            return await server.allocate_buckets(storage_index, lease, upload_secret, wanted, share_size)
+
+        results = await gather_per_server(
+            [by_id[sid] for sid in assignment], lambda s, a=assignment: ask(s, set(a[s.server_id])), timeout=60
+        )
+        for server_id, result in results.items():
+            if isinstance(result, Exception):
+                log.info("server %s refused allocation: %s", by_id[server_id].nickname, result)
+                refused.add(server_id)
+                continue
+            assert isinstance(result, AllocationResult)
+            if result.already_have:
+                held.setdefault(server_id, set()).update(result.already_have)
+            for shnum in result.allocated:
+                writers[shnum] = _ShareWriter(by_id[server_id], shnum)
+            if set(assignment[server_id]) - set(result.allocated) - set(result.already_have):
+                refused.add(server_id)  # out of space for more: do not ask it again
+        placed = set(writers) | {s for shares in held.values() for s in shares}
+        homeless = [s for s in range(total) if s not in placed]
+    return Placement(writers, held)
+
+
+async def _abort(grid: Grid, storage_index: bytes, upload_secret: bytes, writers: list[_ShareWriter]) -> None:
+    async def abort(writer: _ShareWriter) -> None:
+        try:
+            await writer.server.abort_upload(storage_index, writer.shnum, upload_secret)
+        except StorageServerError as exc:
+            log.info("abort on %s failed: %s", writer.server.nickname, exc)
+
+    async with trio.open_nursery() as nursery:
+        for writer in writers:
+            nursery.start_soon(abort, writer)
+
+
+def _check_happiness(grid: Grid, placement: Placement, storage_index: bytes) -> None:
+    achieved = happiness(placement.holdings())
+    if achieved < grid.encoding.happy:
+        servers = len(placement.holdings())
+        raise UploadUnhappyError(
+            f"shares of {base32.encode(storage_index)[:8]} reached only {servers} servers, happiness {achieved}; "
+            f"need {grid.encoding.happy} (of {len(grid.servers)} servers configured, "
+            f"k={grid.encoding.needed}, N={grid.encoding.total})"
+        )
+
+
+async def upload_immutable(grid: Grid, size: int, open_chunks: OpenChunks, *, key: bytes | None = None) -> Cap:
+    """Upload a file given as a re-readable stream of chunks; returns its cap once happiness is met.
+
+    Without `key` the convergent key is used, which costs one extra read of the data.
+    """
+    if size <= LIT_THRESHOLD:
+        return LiteralCap(b"".join(open_chunks()))
+    enc = grid.encoding
+    params = ChkParameters.for_size(size, enc.needed, enc.total, grid.max_segment_size)
+    if key is None:
+        key = await trio.to_thread.run_sync(lambda: convergent_key(open_chunks(), grid.convergence, params))
+    storage_index = storage_index_hash(key)
+    encoder = ChkEncoder(key, params)
+    upload_secret = os.urandom(32)
+    placement = await allocate_shares(grid, storage_index, encoder.share_size, upload_secret)
+    try:
+        _check_happiness(grid, placement, storage_index)
+        await _stream(grid, encoder, open_chunks, storage_index, upload_secret, placement)
+        _check_happiness(grid, placement, storage_index)
+        incomplete = [w.shnum for w in placement.writers.values() if not w.complete]
+        if incomplete:
+            raise LafsError(f"servers did not confirm shares {incomplete} complete")
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await _abort(grid, storage_index, upload_secret, [w for w in placement.writers.values() if not w.complete])
+        raise
+    assert isinstance(encoder.cap, ChkCap)
+    log.info(
+        "uploaded %s: %d bytes, %d shares on %d servers",
+        base32.encode(storage_index)[:8],
+        size,
+        len(placement.writers),
+        len(placement.holdings()),
+    )
+    return encoder.cap
+
+
+async def _stream(
+    grid: Grid,
+    encoder: ChkEncoder,
+    open_chunks: OpenChunks,
+    storage_index: bytes,
+    upload_secret: bytes,
+    placement: Placement,
+) -> None:
+    send, receive = trio.open_memory_channel[ShareWrite | None](SEGMENTS_AHEAD)
+
+    def produce() -> None:
+        for chunk in open_chunks():
+            for write in encoder.write(chunk):
+                trio.from_thread.run(send.send, write)
+        for write in encoder.finish():
+            trio.from_thread.run(send.send, write)
+        trio.from_thread.run(send.send, None)
+
+    async def flush(writer: _ShareWriter) -> None:
+        if not writer.pending:
+            return
+        data = b"".join(writer.pending) if len(writer.pending) > 1 else writer.pending[0]
+        offset = writer.pending_offset
+        writer.pending, writer.pending_size = [], 0
+        writer.pending_offset = offset + len(data)
+        try:
+            writer.complete = await writer.server.write_share_chunk(
+                storage_index, writer.shnum, upload_secret, offset, data
+            )
+        except StorageServerError as exc:
+            log.warning("server %s failed during upload: %s", writer.server.nickname, exc)
+            placement.writers.pop(writer.shnum, None)
+            _check_happiness(grid, placement, storage_index)
+
+    async def consume() -> None:
+        async for write in receive:
+            if write is None:
+                break
+            to_flush = []
+            for writer in list(placement.writers.values()):
+                piece = write.data[writer.shnum]
+                if writer.pending and writer.pending_offset + writer.pending_size != write.offset:
+                    to_flush.append(writer)
+                if not writer.pending:
+                    writer.pending_offset = write.offset
+                writer.pending.append(piece)
+                writer.pending_size += len(piece)
+                if writer.pending_size >= WRITE_COALESCE:
+                    to_flush.append(writer)
+            await _flush_all(to_flush)
+        await _flush_all(list(placement.writers.values()))
+
+    async def _flush_all(writers: list[_ShareWriter]) -> None:
+        async with trio.open_nursery() as nursery:
+            for writer in writers:
+                nursery.start_soon(flush, writer)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        await trio.to_thread.run_sync(produce, abandon_on_cancel=False)
+
+
+def file_chunks(path: os.PathLike, chunk_size: int = 1024 * 1024) -> OpenChunks:
+    """A re-readable chunk stream of a local file."""
+
+    def open_chunks() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    return open_chunks
+
+
+def bytes_chunks(data: bytes) -> OpenChunks:
+    return lambda: iter([data])
