@@ -152,4 +152,3 @@ async def resolve(grid: Grid, root: Cap, components: list[str]) -> tuple[Cap, Di
             raise NoSuchChildError(f"no {'/'.join(components[: depth + 1])!r}")
         cap = entry.cap
     return cap, entry
-
