@@ -12,21 +12,11 @@ from pathlib import Path
 from lafs_core.errors import LafsError
 
 from . import debug_commands
-
-DEFAULT_NODE_DIRECTORY = Path("~/.blackmatch").expanduser()
+from .grid_commands import add_grid_commands
+from .node_options import add_node_directory_option
+from .storage_commands import add_storage_commands
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def add_node_directory_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-d",
-        "--node-directory",
-        metavar="NODEDIR",
-        type=Path,
-        default=None,
-        help=f"node directory (default {DEFAULT_NODE_DIRECTORY} when it exists)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Use a Tahoe-LAFS grid from ordinary software.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_grid_commands(commands)
+    add_storage_commands(commands)
 
     debug = commands.add_parser("debug", help="inspect formats without a grid")
     debug_sub = debug.add_subparsers(dest="debug_command", metavar="DEBUGCOMMAND", required=True)

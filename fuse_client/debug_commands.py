@@ -7,24 +7,12 @@ from pathlib import Path
 from lafs_core import base32
 from lafs_core.caps import Cap, LiteralCap
 from lafs_core.errors import LafsError
-from lafs_core.grid.nodedir import NodeDirectory
 from lafs_core.immutable.encode import ChkEncoder, convergent_key
 from lafs_core.immutable.params import DEFAULT_MAX_SEGMENT_SIZE, LIT_THRESHOLD, ChkParameters
 
+from .node_options import optional_node
+
 READ_CHUNK = 1024 * 1024
-
-
-def node_directory(args: argparse.Namespace) -> NodeDirectory | None:
-    """The node directory named by -d, else the default one if it exists."""
-    from .cli import DEFAULT_NODE_DIRECTORY
-
-    if args.node_directory is not None:
-        node = NodeDirectory(args.node_directory)
-        if not node.exists():
-            raise LafsError(f"{node.path} is not a node directory")
-        return node
-    default = NodeDirectory(DEFAULT_NODE_DIRECTORY)
-    return default if default.exists() else None
 
 
 def read_chunks(path: Path) -> Iterator[bytes]:
@@ -50,7 +38,7 @@ def file_cap(path: Path, convergence: bytes, needed: int, total: int, max_segmen
 
 
 def cap_command(args: argparse.Namespace) -> int:
-    node = node_directory(args)
+    node = optional_node(args)
     encoding = node.encoding() if node else None
     needed = args.needed or (encoding.needed if encoding else 3)
     total = args.total or (encoding.total if encoding else 10)

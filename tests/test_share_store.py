@@ -209,3 +209,33 @@ def test_corruption_advisories_are_recorded(tmp_path):
     assert len(advisories) == 1 and "block 3 fails" in advisories[0].read_text()
     with pytest.raises(NoSuchShareError):
         store.advise_corrupt(SI, 5, "x", mutable=False)
+
+
+def test_immutable_and_mutable_shares_never_replace_each_other(tmp_path):
+    store = ShareStore(tmp_path)
+    si = bytes(range(16))
+    allocation = store.allocate(si, RENEW, CANCEL, UPLOAD, {0}, 10)
+    assert allocation.allocated == {0}
+    store.write(si, 0, UPLOAD, 0, b"0123456789")
+    with pytest.raises(BadWriteEnablerError):
+        store.read_test_write(si, WE, RENEW, CANCEL, {1: TestAndWrite((), (WriteVector(0, b"x"),), None)}, [])
+    assert store.read_immutable(si, 0, 0, 10) == b"0123456789"
+
+    other = bytes(range(1, 17))
+    store.read_test_write(other, WE, RENEW, CANCEL, {0: TestAndWrite((), (WriteVector(0, b"mutable"),), None)}, [])
+    allocation = store.allocate(other, RENEW, CANCEL, UPLOAD, {0, 1}, 10)
+    assert allocation.allocated == {1} and allocation.already_have == set()
+    assert store.read_mutable(other, 0, 0, 7) == b"mutable"
+
+
+def test_check_write_refuses_before_data(tmp_path):
+    store = ShareStore(tmp_path)
+    si = bytes(16)
+    store.allocate(si, RENEW, CANCEL, UPLOAD, {0}, 10)
+    store.check_write(si, 0, UPLOAD, 0, 10)
+    with pytest.raises(OutOfBoundsError):
+        store.check_write(si, 0, UPLOAD, 5, 11)
+    with pytest.raises(WrongSecretError):
+        store.check_write(si, 0, bytes(32), 0, 10)
+    with pytest.raises(UnknownUploadError):
+        store.check_write(si, 1, UPLOAD, 0, 10)

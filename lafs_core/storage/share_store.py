@@ -164,7 +164,7 @@ class ShareStore:
             names = os.listdir(bucket)
         except FileNotFoundError:
             return {}
-        return {int(name): bucket / name for name in names if name.isdigit()}
+        return {int(name): bucket / name for name in names if name.isascii() and name.isdigit()}
 
     def available_space(self) -> int:
         """Free space for new shares: the disk's, less the reserve and what uploads in progress will need."""
@@ -192,7 +192,8 @@ class ShareStore:
     ) -> Allocation:
         """Tahoe's allocate_buckets: report finished shares (renewing their lease), open writers for others."""
         self._expire_idle_uploads()
-        existing = self.immutable_shares(storage_index)
+        present = self._shnums(storage_index)
+        existing = {n for n, p in present.items() if self._is_immutable(p)}
         for shnum in existing:
             self._add_immutable_lease(self._share_path(storage_index, shnum), renew_secret, cancel_secret, owner=0)
         allocated = set()
@@ -202,7 +203,8 @@ class ShareStore:
         )
         for shnum in sorted(shnums):
             key = (storage_index, shnum)
-            if shnum in existing or key in self._uploads or not 0 <= shnum < 256:
+            # A mutable share under the same number is neither reported nor replaced.
+            if shnum in present or key in self._uploads or not 0 <= shnum < 256:
                 continue
             if allocated_size > remaining:
                 continue
@@ -225,12 +227,17 @@ class ShareStore:
             raise WrongSecretError("wrong upload secret")
         return upload
 
+    def check_write(self, storage_index: bytes, shnum: int, upload_secret: bytes, start: int, end: int) -> None:
+        """Refuse, before any data arrives, a write to an unknown upload, with a wrong secret or out of bounds."""
+        upload = self._upload(storage_index, shnum, upload_secret)
+        if start < 0 or end > upload.size:
+            raise OutOfBoundsError(f"write [{start}, {end}) beyond the allocated {upload.size} bytes")
+
     def write(self, storage_index: bytes, shnum: int, upload_secret: bytes, offset: int, data: bytes):
         """Write part of an immutable share; returns the ranges still missing (empty once it is complete)."""
-        upload = self._upload(storage_index, shnum, upload_secret)
         end = offset + len(data)
-        if offset < 0 or end > upload.size:
-            raise OutOfBoundsError(f"write [{offset}, {end}) beyond the allocated {upload.size} bytes")
+        self.check_write(storage_index, shnum, upload_secret, offset, end)
+        upload = self._uploads[(storage_index, shnum)]
         upload.touched = time.monotonic()
         with open(upload.path, "r+b") as f:
             for a, b in upload.written:
@@ -375,7 +382,11 @@ class ShareStore:
         read_vector: list[tuple[int, int]],
     ) -> ReadTestWriteOutcome:
         """Tahoe's slot_testv_and_readv_and_writev, applied atomically through the journal."""
-        existing = {n: p for n, p in self._shnums(storage_index).items() if not self._is_immutable(p)}
+        present = self._shnums(storage_index)
+        existing = {n: p for n, p in present.items() if not self._is_immutable(p)}
+        if len(existing) < len(present):
+            # Tahoe reads an immutable share's bytes as a mutable header, so no write enabler ever matches.
+            raise BadWriteEnablerError("the storage index holds immutable shares")
         for path in existing.values():
             if not hmac.compare_digest(self._mutable_header(path).write_enabler, write_enabler):
                 raise BadWriteEnablerError("the write enabler does not match")

@@ -1,0 +1,327 @@
+"""Scripting commands on a grid, in the manner of Tahoe's CLI: create-node, put, get, ls, mkdir, ln, mv, rm.
+
+Locations are Tahoe-style: `alias:path`, a cap, or `CAP/path`; a bare path is relative to the `tahoe:` alias.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from lafs_core.caps import Cap, DirectoryCap, LiteralCap, MutableReadCap, MutableWriteCap
+from lafs_core.dirnode import DirEntry, child_entry, update_metadata
+from lafs_core.errors import LafsError
+from lafs_core.grid.directory import (
+    Children,
+    ExistingChildError,
+    NoSuchChildError,
+    NotADirectoryCapError,
+    as_directory,
+    create_directory,
+    modify_directory,
+    parse_location,
+    read_directory,
+    resolve,
+)
+from lafs_core.grid.download import ImmutableFile
+from lafs_core.grid.grid import Grid
+from lafs_core.grid.mutable_io import create_mutable, retrieve
+from lafs_core.grid.nodedir import EncodingConfig, NodeDirectory, create_node_directory
+from lafs_core.grid.servers import open_grid
+from lafs_core.grid.upload import file_chunks, upload_immutable
+
+from .listing import long_line, node_json
+from .node_options import add_node_directory_option, existing_node
+
+
+def add_grid_commands(commands: argparse._SubParsersAction) -> None:
+    create = commands.add_parser("create-node", help="make a node directory (with an embedded grid unless told)")
+    create.add_argument("node_dir", metavar="NODEDIR", type=Path)
+    create.add_argument("--local-grid", type=int, metavar="N", help="embedded grid of N local share stores")
+    create.add_argument(
+        "--servers",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="servers.yaml-format file of servers to use (repeatable)",
+    )
+    create.add_argument(
+        "--local-server",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory holding a shares/ tree to use as a server (repeatable)",
+    )
+    create.add_argument("--needed", type=int, default=3, metavar="K")
+    create.add_argument("--happy", type=int, default=None, metavar="H")
+    create.add_argument("--total", type=int, default=10, metavar="N")
+    create.set_defaults(handler=create_node_command)
+
+    put = commands.add_parser("put", help="upload a file; prints its cap")
+    add_node_directory_option(put)
+    put.add_argument("local", metavar="LOCAL", help="local file, or - for standard input")
+    put.add_argument("target", metavar="TARGET", nargs="?", help="where to link it (alias:path, CAP/path)")
+    put.add_argument("--mutable", action="store_true", help="upload as a mutable file")
+    put.set_defaults(handler=grid_handler(put_command))
+
+    get = commands.add_parser("get", help="download a file (to standard output without LOCAL)")
+    add_node_directory_option(get)
+    get.add_argument("source", metavar="SOURCE")
+    get.add_argument("local", metavar="LOCAL", nargs="?")
+    get.set_defaults(handler=grid_handler(get_command))
+
+    ls = commands.add_parser("ls", help="list a directory")
+    add_node_directory_option(ls)
+    ls.add_argument("path", metavar="PATH", nargs="?", default="tahoe:")
+    ls.add_argument("-l", "--long", action="store_true", help="type, size, link time")
+    ls.add_argument("--json", action="store_true", help="JSON as `tahoe ls --json` prints it")
+    ls.set_defaults(handler=grid_handler(ls_command))
+
+    mkdir = commands.add_parser("mkdir", help="make a directory (unlinked, cap printed, without PATH)")
+    add_node_directory_option(mkdir)
+    mkdir.add_argument("path", metavar="PATH", nargs="?")
+    mkdir.add_argument("--format", choices=["sdmf", "mdmf"], help="mutable format (default: the node's)")
+    mkdir.set_defaults(handler=grid_handler(mkdir_command))
+
+    for name, handler, helptext in (
+        ("ln", ln_command, "link an object under another name as well"),
+        ("mv", mv_command, "move (relink) an object"),
+    ):
+        sub = commands.add_parser(name, help=helptext)
+        add_node_directory_option(sub)
+        sub.add_argument("source", metavar="FROM")
+        sub.add_argument("target", metavar="TO")
+        sub.set_defaults(handler=grid_handler(handler))
+
+    rm = commands.add_parser("rm", help="unlink an object from its directory")
+    add_node_directory_option(rm)
+    rm.add_argument("path", metavar="PATH")
+    rm.set_defaults(handler=grid_handler(rm_command))
+
+
+# --- plumbing --------------------------------------------------------------------------------------------------
+def grid_handler(command: Callable[[Grid, NodeDirectory, argparse.Namespace], Awaitable[int]]):
+    """Wrap an async command: open the node's grid, run it, close the connections."""
+
+    def run(args: argparse.Namespace) -> int:
+        node = existing_node(args)
+
+        async def main() -> int:
+            grid = open_grid(node)
+            if not grid.servers:
+                raise LafsError(f"{node.path} configures no storage servers blackmatch can use")
+            try:
+                return await command(grid, node, args)
+            finally:
+                await grid.aclose()
+
+        return trio.run(main)
+
+    return run
+
+
+def _split_parent(grid_location: str, node: NodeDirectory) -> tuple[Cap, list[str], str]:
+    root, components = parse_location(grid_location, node.aliases())
+    if not components:
+        raise LafsError(f"{grid_location!r} names no entry inside a directory")
+    return root, components[:-1], components[-1]
+
+
+async def _parent_directory(grid: Grid, root: Cap, components: list[str]) -> DirectoryCap:
+    cap, _entry = await resolve(grid, root, components)
+    return as_directory(cap)
+
+
+def _linker(name: str, cap: Cap, *, replace_files: bool, metadata: dict | None = None):
+    """A directory change that links `cap` as `name`, keeping link times as Tahoe does."""
+
+    def link(children: Children) -> Children:
+        old = children.get(name)
+        if old is not None and not replace_files:
+            raise ExistingChildError(f"{name!r} already exists")
+        if old is not None and isinstance(old.cap, DirectoryCap):
+            raise ExistingChildError(f"{name!r} is a directory")
+        entry = child_entry(cap, update_metadata(old.metadata if old else None, metadata, time.time()))
+        children[name] = entry
+        return children
+
+    return link
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+def create_node_command(args: argparse.Namespace) -> int:
+    happy = args.happy if args.happy is not None else min(7, args.total)
+    encoding = EncodingConfig(args.needed, happy, args.total)
+    node = create_node_directory(
+        args.node_dir,
+        encoding=encoding,
+        server_files=args.servers,
+        local_servers=args.local_server,
+        local_grid=args.local_grid,
+    )
+
+    async def make_root() -> str:
+        grid = open_grid(node)
+        try:
+            return str(await create_directory(grid))
+        finally:
+            await grid.aclose()
+
+    try:
+        root = trio.run(make_root)
+    except LafsError as exc:
+        print(f"blackmatch: node created in {node.path}, but no root directory: {exc}", file=sys.stderr)
+        return 0
+    node.set_alias("tahoe", root)
+    print(f"Node directory created in {node.path}; its root directory is the alias tahoe:")
+    return 0
+
+
+async def put_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    if args.local == "-":
+        with tempfile.NamedTemporaryFile(prefix="blackmatch-put-") as spool:
+            await trio.to_thread.run_sync(lambda: _copy_stream(sys.stdin.buffer, spool))
+            spool.flush()
+            cap = await _upload_path(grid, Path(spool.name), args.mutable)
+    else:
+        cap = await _upload_path(grid, Path(args.local), args.mutable)
+    if args.target:
+        root, parents, name = _split_parent(args.target, node)
+        parent = await _parent_directory(grid, root, parents)
+        await modify_directory(grid, parent, _linker(name, cap, replace_files=True))
+    print(cap)
+    return 0
+
+
+def _copy_stream(source, destination) -> None:
+    while chunk := source.read(1024 * 1024):
+        destination.write(chunk)
+
+
+async def _upload_path(grid: Grid, path: Path, mutable: bool) -> Cap:
+    if not path.is_file():
+        raise LafsError(f"{path} is not a regular file")
+    if mutable:
+        return await create_mutable(grid, await trio.to_thread.run_sync(path.read_bytes))
+    return await upload_immutable(grid, path.stat().st_size, file_chunks(path))
+
+
+async def get_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    root, components = parse_location(args.source, node.aliases())
+    cap, _entry = await resolve(grid, root, components)
+    if isinstance(cap, DirectoryCap):
+        raise NotADirectoryCapError(f"{args.source} is a directory; use ls")
+    out = open(args.local, "wb") if args.local else sys.stdout.buffer  # noqa: SIM115 - closed below
+    try:
+        if isinstance(cap, LiteralCap):
+            out.write(cap.data)
+        elif isinstance(cap, MutableWriteCap | MutableReadCap):
+            data, _map, _version = await retrieve(grid, cap)
+            out.write(data)
+        else:
+            await ImmutableFile(grid, cap).copy_to(lambda data: trio.to_thread.run_sync(out.write, data))
+        out.flush()
+    finally:
+        if args.local:
+            out.close()
+    return 0
+
+
+async def ls_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    root, components = parse_location(args.path, node.aliases())
+    cap, entry = await resolve(grid, root, components)
+    if not isinstance(cap, DirectoryCap):
+        if args.json:
+            print(json.dumps(node_json(cap, entry), indent=1))
+        else:
+            print(long_line(components[-1], cap, entry) if args.long and entry else (components or [str(cap)])[-1])
+        return 0
+    children = await read_directory(grid, cap)
+    if args.json:
+        kind, info = node_json(cap)
+        info["children"] = {name: node_json(e.cap, e) for name, e in sorted(children.items())}
+        print(json.dumps([kind, info], indent=1))
+        return 0
+    for name, child in sorted(children.items()):
+        print(long_line(name, child.cap, child) if args.long else name)
+    return 0
+
+
+async def mkdir_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    if not args.path:
+        print(await create_directory(grid, file_format=args.format))
+        return 0
+    root, parents, name = _split_parent(args.path, node)
+    parent = await _parent_directory(grid, root, parents)
+    children = await read_directory(grid, parent)
+    if name in children:
+        raise ExistingChildError(f"{args.path} already exists")
+    new = await create_directory(grid, file_format=args.format)
+    await modify_directory(grid, parent, _linker(name, new, replace_files=False))
+    print(new)
+    return 0
+
+
+async def _link(grid: Grid, node: NodeDirectory, source: str, target: str) -> tuple[DirectoryCap, str, DirEntry]:
+    """Link the object at `source` at `target` (inside it, if `target` is a directory); return its old place."""
+    src_root, src_parents, src_name = _split_parent(source, node)
+    src_parent = await _parent_directory(grid, src_root, src_parents)
+    entry = (await read_directory(grid, src_parent)).get(src_name)
+    if entry is None:
+        raise NoSuchChildError(f"{source} does not exist")
+    dst_root, dst_components = parse_location(target, node.aliases())
+    try:
+        existing, _ = await resolve(grid, dst_root, dst_components)
+    except NoSuchChildError:
+        existing = None
+    if isinstance(existing, DirectoryCap):
+        parent, name = existing, src_name
+    else:
+        if not dst_components:
+            raise LafsError(f"{target!r} names no entry inside a directory")
+        parent, name = await _parent_directory(grid, dst_root, dst_components[:-1]), dst_components[-1]
+    user_metadata = {k: v for k, v in entry.metadata.items() if k != "tahoe"}
+    await modify_directory(grid, parent, _linker(name, entry.cap, replace_files=True, metadata=user_metadata))
+    return src_parent, src_name, entry
+
+
+async def ln_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    await _link(grid, node, args.source, args.target)
+    return 0
+
+
+async def mv_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    src_parent, src_name, entry = await _link(grid, node, args.source, args.target)
+
+    def unlink_if_same(children: Children) -> Children | None:
+        current = children.get(src_name)
+        if current is None or current.rw_uri != entry.rw_uri or current.ro_uri != entry.ro_uri:
+            return None  # already moved or replaced by someone else: leave it
+        del children[src_name]
+        return children
+
+    await modify_directory(grid, src_parent, unlink_if_same)
+    return 0
+
+
+async def rm_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    root, parents, name = _split_parent(args.path, node)
+    parent = await _parent_directory(grid, root, parents)
+
+    def unlink(children: Children) -> Children:
+        if name not in children:
+            raise NoSuchChildError(f"{args.path} does not exist")
+        del children[name]
+        return children
+
+    await modify_directory(grid, parent, unlink)
+    return 0
