@@ -83,8 +83,8 @@ def parse_secrets(values: Sequence[bytes], required: frozenset[Secret]) -> dict[
     """The secrets of a request's `X-Tahoe-Authorization` headers, which must be exactly the `required` kinds.
 
     Mirrors Tahoe's `_extract_secrets`: lenient base64 (`b64decode` without validation), an empty secret is an
-    error, lease secrets (and, stricter than Tahoe, write enablers) must be 32 bytes, and a repeated kind keeps its last value. Raises WireError (the
-    server answers 400); the message never contains a secret.
+    error, lease secrets (and, stricter than Tahoe, write enablers) must be 32 bytes, and a repeated kind keeps its
+    last value. Raises WireError (the server answers 400); the message never contains a secret.
     """
     result: dict[Secret, bytes] = {}
     for raw in values:
