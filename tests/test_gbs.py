@@ -38,7 +38,6 @@ from lafs_core import base32
 from lafs_core.errors import FormatError
 from lafs_core.grid import gbs_client
 from lafs_core.grid.gbs_client import GbsStorageServer
-from lafs_core.grid.nurl import format_nurl, parse_furl, parse_nurl, spki_hash
 from lafs_core.grid.server_api import (
     LeaseSecrets,
     RequestRefusedError,
@@ -49,6 +48,7 @@ from lafs_core.grid.server_api import (
     WriteConflictError,
 )
 from lafs_core.mutable.slot import TestAndWrite, TestVector, WriteVector, new_share_test
+from lafs_core.nurl import format_nurl, parse_furl, parse_nurl, spki_hash
 from lafs_core.storage import gbs_wire
 from lafs_core.storage.containers import IMMUTABLE_DATA_OFFSET, parse_immutable_container
 from lafs_core.storage.gbs_server import GbsServer, ServerLimits

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from lafs_core import base32
 from lafs_core.errors import FormatError
-from lafs_core.grid.nurl import (
+from lafs_core.nurl import (
     Nurl,
     format_furl,
     format_nurl,

@@ -31,6 +31,7 @@ import trio
 from .. import base32
 from ..errors import FormatError
 from ..mutable.slot import TestAndWrite
+from ..nurl import Nurl, parse_furl, parse_nurl, spki_hash
 from ..storage.gbs_wire import (
     API_PREFIX,
     CBOR_MIME_TYPE,
@@ -57,7 +58,6 @@ from ..storage.gbs_wire import (
     read_test_write_request,
     secret_header_value,
 )
-from .nurl import Nurl, parse_furl, parse_nurl, spki_hash
 from .server_api import (
     AllocationResult,
     LeaseSecrets,

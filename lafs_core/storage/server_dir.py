@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 
 from .. import base32
 from ..errors import LafsError
-from ..grid.nurl import format_furl, format_nurl, spki_hash, subject_public_key_info, tubid
+from ..nurl import format_furl, format_nurl, spki_hash, subject_public_key_info, tubid
 
 CONFIG_NAME = "server.cfg"
 SERVERS_YAML = "servers.yaml"

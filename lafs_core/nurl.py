@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .. import base32
-from ..errors import FormatError
+from . import base32
+from .errors import FormatError
 
 NURL_SCHEMES = ("pb", "pb+tor")
 NURL_VERSION_FRAGMENT = "v=1"
