@@ -12,14 +12,11 @@ import contextlib
 import hashlib
 import logging
 import os
-import queue
 import shutil
 import signal
 import socket
 import ssl
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -56,6 +53,7 @@ from lafs_core.storage.server_dir import ServerDir, ServerDirError, create_serve
 from lafs_core.storage.share_store import ShareStore
 
 from .shared_data import SAMPLE_GRID
+from .storage_cluster import StorageProcess, blackmatch
 
 MiB = 1024 * 1024
 
@@ -1173,56 +1171,15 @@ def test_server_directory(tmp_path):
     assert parse_nurl(named.nurl).host == "storage.example" and parse_nurl(named.nurl).port == 4567
 
 
-CLI = [sys.executable, "-m", "fuse_client.cli"]
-
-
-class RunningServer:
-    """`storage run DIR` as a subprocess, with its stderr lines collected by a thread."""
-
-    def __init__(self, directory: Path) -> None:
-        self.process = subprocess.Popen(
-            [*CLI, "storage", "run", str(directory)],
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=Path(__file__).parent.parent,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.stderr: list[str] = []
-
-    def _read(self) -> None:
-        for line in self.process.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, text: str, timeout: float = 30) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                assert self.process.poll() is None, f"server exited: {self.stderr}"
-                continue
-            self.stderr.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"no {text!r} in {self.stderr}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self.process.stderr.close()
-
-
 def test_storage_create_and_run(tmp_path):
     directory = tmp_path / "node1"
-    created = subprocess.run([*CLI, "storage", "create", str(directory)], capture_output=True, text=True, check=False)
-    assert created.returncode == 0, created.stderr
+    created = blackmatch("storage", "create", str(directory))
     server = load_server_dir(directory)
-    assert created.stdout.strip() == server.nurl
+    assert created.stdout.decode().strip() == server.nurl
     document = yaml.safe_load((directory / "servers.yaml").read_text())
     (server_id,) = document["storage"]
-    running = RunningServer(directory)
+    running = StorageProcess(directory)
+    running.start()
     try:
         line = running.wait_for("listening on")
         assert f"listening on https://127.0.0.1:{server.listen_port}" in line
@@ -1237,13 +1194,11 @@ def test_storage_create_and_run(tmp_path):
 
         trio.run(use)
         start = time.monotonic()
-        running.process.send_signal(signal.SIGTERM)
-        assert running.process.wait(10) == 0
+        assert running.stop(signal.SIGTERM) == 0
         assert time.monotonic() - start < 5
     finally:
         running.stop()
-    bad = subprocess.run([*CLI, "storage", "create", str(directory)], capture_output=True, text=True, check=False)
-    assert bad.returncode != 0
+    assert blackmatch("storage", "create", str(directory), check=False).returncode != 0
 
 
 def test_kill_during_upload_leaves_only_complete_shares(tmp_path):
@@ -1251,7 +1206,8 @@ def test_kill_during_upload_leaves_only_complete_shares(tmp_path):
     server = create_server_dir(directory)
     ann = yaml.safe_load((directory / "servers.yaml").read_text())["storage"][server.server_id]["ann"]
     si, complete, big = random_si(), os.urandom(1000), os.urandom(64 * MiB)
-    running = RunningServer(directory)
+    running = StorageProcess(directory)
+    running.start()
     try:
         running.wait_for("listening on")
 
@@ -1285,7 +1241,8 @@ def test_kill_during_upload_leaves_only_complete_shares(tmp_path):
     info = parse_immutable_container(raw[:IMMUTABLE_DATA_OFFSET], len(raw))
     assert info.data_length == len(complete) and raw[IMMUTABLE_DATA_OFFSET : IMMUTABLE_DATA_OFFSET + 1000] == complete
     # The next start wipes the partial uploads and serves the complete share.
-    running = RunningServer(directory)
+    running = StorageProcess(directory)
+    running.start()
     try:
         running.wait_for("listening on")
         assert not (shares / "incoming").exists()
@@ -1297,7 +1254,6 @@ def test_kill_during_upload_leaves_only_complete_shares(tmp_path):
             await client.aclose()
 
         trio.run(check)
-        running.process.send_signal(signal.SIGTERM)
-        assert running.process.wait(10) == 0
+        assert running.stop(signal.SIGTERM) == 0
     finally:
         running.stop()
