@@ -77,7 +77,7 @@ async def modify_directory(grid: Grid, cap: DirectoryCap, modify: Callable[[Chil
     """
     inner = cap.file_cap
     if not isinstance(inner, MutableWriteCap):
-        raise ReadOnlyDirectoryError("this directory cap cannot change the directory")
+        raise ReadOnlyDirectoryError("the directory is read-only: its cap cannot change it")
     for attempt in range(MODIFY_ATTEMPTS):
         data, servermap, version = await retrieve(grid, inner)
         children = unpack_directory(data, inner.writekey)

@@ -58,6 +58,7 @@ class Placement:
 
     writers: dict[int, _ShareWriter]
     already_held: dict[str, set[int]]
+    refusals: list[str] = field(default_factory=list)  # why servers took no share (errors name their server)
 
     def holdings(self) -> dict[str, set[int]]:
         held = {server: set(shares) for server, shares in self.already_held.items()}
@@ -73,6 +74,7 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
     writers: dict[int, _ShareWriter] = {}
     held: dict[str, set[int]] = {}
     refused: set[str] = set()
+    refusals: list[str] = []
     homeless = list(range(total))
     candidates = ring[: max(total, 1)]
     while homeless:
@@ -100,6 +102,7 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
             if isinstance(result, Exception):
                 log.info("server %s refused allocation: %s", by_id[server_id].nickname, result)
                 refused.add(server_id)
+                refusals.append(str(result))
                 continue
             assert isinstance(result, AllocationResult)
             if result.already_have:
@@ -110,7 +113,7 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
                 refused.add(server_id)  # out of space for more: do not ask it again
         placed = set(writers) | {s for shares in held.values() for s in shares}
         homeless = [s for s in range(total) if s not in placed]
-    return Placement(writers, held)
+    return Placement(writers, held, refusals)
 
 
 async def _abort(grid: Grid, storage_index: bytes, upload_secret: bytes, writers: list[_ShareWriter]) -> None:
@@ -129,10 +132,11 @@ def _check_happiness(grid: Grid, placement: Placement, storage_index: bytes) -> 
     achieved = happiness(placement.holdings())
     if achieved < grid.encoding.happy:
         servers = len(placement.holdings())
+        why = "".join(f"; {reason}" for reason in placement.refusals)
         raise UploadUnhappyError(
             f"shares of {base32.encode(storage_index)[:8]} reached only {servers} servers, happiness {achieved}; "
             f"need {grid.encoding.happy} (of {len(grid.servers)} servers configured, "
-            f"k={grid.encoding.needed}, N={grid.encoding.total})"
+            f"k={grid.encoding.needed}, N={grid.encoding.total}){why}"
         )
 
 
