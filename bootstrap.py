@@ -19,6 +19,8 @@ VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 STAMP = VENV / ".blackmatch-installed"
 DEBIAN_PACKAGES = ("fuse3", "libfuse3-dev", "pkg-config")
+# Tools the mount tests drive on the mounted filesystem, as a user would.
+TEST_DEBIAN_PACKAGES = ("rsync", "git", "tar", "diffutils", "findutils", "coreutils")
 
 
 def log(message: str) -> None:

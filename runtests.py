@@ -18,6 +18,7 @@ NO_TESTS_COLLECTED = 5
 
 def main(argv: list[str]) -> int:
     python = bootstrap.ensure_all()
+    bootstrap.ensure_debian_packages(bootstrap.TEST_DEBIAN_PACKAGES)
     if "--skip-interop" in argv:
         argv = [arg for arg in argv if arg != "--skip-interop"]
         selection = ["-m", "not interop"]

@@ -13,6 +13,7 @@ from lafs_core.errors import LafsError
 
 from . import debug_commands
 from .grid_commands import add_grid_commands
+from .mount_commands import add_mount_commands
 from .node_options import add_node_directory_option
 from .storage_commands import add_storage_commands
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_grid_commands(commands)
     add_storage_commands(commands)
+    add_mount_commands(commands)
 
     debug = commands.add_parser("debug", help="inspect formats without a grid")
     debug_sub = debug.add_subparsers(dest="debug_command", metavar="DEBUGCOMMAND", required=True)

@@ -158,15 +158,30 @@ def _linker(name: str, cap: Cap, *, replace_files: bool, metadata: dict | None =
 
 
 # --- commands --------------------------------------------------------------------------------------------------
-def create_node_command(args: argparse.Namespace) -> int:
-    happy = args.happy if args.happy is not None else min(7, args.total)
-    encoding = EncodingConfig(args.needed, happy, args.total)
+class NoRootDirectoryError(LafsError):
+    """The node directory was made, but its root directory could not be created on the grid."""
+
+
+def create_node(
+    path: Path,
+    *,
+    needed: int = 3,
+    happy: int | None = None,
+    total: int = 10,
+    server_files: list[Path] = (),  # type: ignore[assignment]
+    local_servers: list[Path] = (),  # type: ignore[assignment]
+    local_grid: int | None = None,
+) -> NodeDirectory:
+    """What `create-node` does: a node directory (with an embedded local grid unless servers are named), then a
+    new root directory on its grid linked as the alias tahoe:. Raises NoRootDirectoryError if the node directory
+    exists but the root directory could not be made."""
+    encoding = EncodingConfig(needed, happy if happy is not None else min(7, total), total)
     node = create_node_directory(
-        args.node_dir,
+        path,
         encoding=encoding,
-        server_files=args.servers,
-        local_servers=args.local_server,
-        local_grid=args.local_grid,
+        server_files=server_files,
+        local_servers=local_servers,
+        local_grid=local_grid,
     )
 
     async def make_root() -> str:
@@ -179,9 +194,25 @@ def create_node_command(args: argparse.Namespace) -> int:
     try:
         root = trio.run(make_root)
     except LafsError as exc:
-        print(f"blackmatch: node created in {node.path}, but no root directory: {exc}", file=sys.stderr)
-        return 0
+        raise NoRootDirectoryError(f"node created in {node.path}, but no root directory: {exc}") from exc
     node.set_alias("tahoe", root)
+    return node
+
+
+def create_node_command(args: argparse.Namespace) -> int:
+    try:
+        node = create_node(
+            args.node_dir,
+            needed=args.needed,
+            happy=args.happy,
+            total=args.total,
+            server_files=args.servers,
+            local_servers=args.local_server,
+            local_grid=args.local_grid,
+        )
+    except NoRootDirectoryError as exc:
+        print(f"blackmatch: {exc}", file=sys.stderr)
+        return 0
     print(f"Node directory created in {node.path}; its root directory is the alias tahoe:")
     return 0
 

@@ -1,9 +1,12 @@
 """Immutable upload: place shares for servers-of-happiness, then stream the encoder's writes to them.
 
 Memory stays bounded: the encoder runs in a worker thread a couple of segments ahead of the network, and each
-share's writes are coalesced into requests of at most WRITE_COALESCE bytes. A server that fails mid-upload
-loses its shares; the upload carries on while the rest still meet happiness and otherwise aborts every
-writer and raises, so no cap is ever returned for a file the grid does not hold.
+share's writes are coalesced into requests of about WRITE_COALESCE bytes. Each share has at most one request in
+flight while its next one gathers, so shares and servers move independently (no round waits for the slowest
+server) and the encoder keeps working while requests are out; a share whose previous request has not finished
+when the next one is ready holds the stream back. A server that fails mid-upload loses its shares; the upload
+carries on while the rest still meet happiness and otherwise aborts every writer and raises, so no cap is ever
+returned for a file the grid does not hold.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ class _ShareWriter:
     pending: list[bytes] = field(default_factory=list)
     pending_size: int = 0
     complete: bool = False
+    failed: bool = False
+    in_flight: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(1))
+    """Held while a write request of this share is out: its requests go one at a time, in order."""
 
 
 @dataclass
@@ -195,44 +201,51 @@ async def _stream(
             trio.from_thread.run(send.send, write)
         trio.from_thread.run(send.send, None)
 
-    async def flush(writer: _ShareWriter) -> None:
+    async def send_pending(writer: _ShareWriter, offset: int, data: bytes) -> None:
+        try:
+            complete = await writer.server.write_share_chunk(storage_index, writer.shnum, upload_secret, offset, data)
+            writer.complete = writer.complete or complete
+        except StorageServerError as exc:
+            log.warning("server %s failed during upload: %s", writer.server.nickname, exc)
+            writer.failed = True
+            placement.writers.pop(writer.shnum, None)
+            _check_happiness(grid, placement, storage_index)
+        finally:
+            writer.in_flight.release()
+
+    async def flush(writer: _ShareWriter, senders: trio.Nursery) -> None:
+        """Send the writer's pending bytes once its previous request is done, without waiting for this one."""
         if not writer.pending:
+            return
+        await writer.in_flight.acquire()
+        if writer.failed:
+            writer.in_flight.release()
             return
         data = b"".join(writer.pending) if len(writer.pending) > 1 else writer.pending[0]
         offset = writer.pending_offset
         writer.pending, writer.pending_size = [], 0
         writer.pending_offset = offset + len(data)
-        try:
-            writer.complete = await writer.server.write_share_chunk(
-                storage_index, writer.shnum, upload_secret, offset, data
-            )
-        except StorageServerError as exc:
-            log.warning("server %s failed during upload: %s", writer.server.nickname, exc)
-            placement.writers.pop(writer.shnum, None)
-            _check_happiness(grid, placement, storage_index)
+        senders.start_soon(send_pending, writer, offset, data)
 
     async def consume() -> None:
-        async for write in receive:
-            if write is None:
-                break
-            to_flush = []
+        async with trio.open_nursery() as senders:
+            async for write in receive:
+                if write is None:
+                    break
+                for writer in list(placement.writers.values()):
+                    if writer.failed:
+                        continue
+                    piece = write.data[writer.shnum]
+                    if writer.pending and writer.pending_offset + writer.pending_size != write.offset:
+                        await flush(writer, senders)
+                    if not writer.pending:
+                        writer.pending_offset = write.offset
+                    writer.pending.append(piece)
+                    writer.pending_size += len(piece)
+                    if writer.pending_size >= WRITE_COALESCE:
+                        await flush(writer, senders)
             for writer in list(placement.writers.values()):
-                piece = write.data[writer.shnum]
-                if writer.pending and writer.pending_offset + writer.pending_size != write.offset:
-                    to_flush.append(writer)
-                if not writer.pending:
-                    writer.pending_offset = write.offset
-                writer.pending.append(piece)
-                writer.pending_size += len(piece)
-                if writer.pending_size >= WRITE_COALESCE:
-                    to_flush.append(writer)
-            await _flush_all(to_flush)
-        await _flush_all(list(placement.writers.values()))
-
-    async def _flush_all(writers: list[_ShareWriter]) -> None:
-        async with trio.open_nursery() as nursery:
-            for writer in writers:
-                nursery.start_soon(flush, writer)
+                await flush(writer, senders)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(consume)

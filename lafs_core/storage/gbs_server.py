@@ -19,6 +19,7 @@ writes are as fast this way as on the trio thread once cheap calls (stat, listin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hmac
@@ -155,10 +156,10 @@ class _Connection:
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
 
-    async def next_event(self, timeout: float) -> Any:
-        """The next h11 event, waiting at most `timeout` for all of it."""
+    async def next_event(self, timeout: float | None) -> Any:
+        """The next h11 event, waiting at most `timeout` for all of it (None: the caller's scope times it)."""
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
                 while True:
                     event = self.h11.next_event()
                     if event is not h11.NEED_DATA:
@@ -220,13 +221,13 @@ class _Exchange:
         return values[0] if values else None
 
     # --- request body --------------------------------------------------------------------------------------
-    async def _body_event(self) -> bytes | None:
-        """The next piece of the body, or None at its end."""
+    async def _body_event(self, timed: bool = True) -> bytes | None:
+        """The next piece of the body, or None at its end; `timed=False` leaves the timeout to the caller."""
         if self.body_done:
             return None
         if self.conn.h11.they_are_waiting_for_100_continue:
             await self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-        event = await self.conn.next_event(self.conn.limits.body_timeout)
+        event = await self.conn.next_event(self.conn.limits.body_timeout if timed else None)
         if isinstance(event, h11.Data):
             return event.data
         if isinstance(event, h11.EndOfMessage):
@@ -247,11 +248,23 @@ class _Exchange:
         return b"".join(parts)
 
     async def read_chunk(self, size: int) -> bytes:
-        """At least `size` bytes of the body (fewer only at its end; b"" once it is over)."""
+        """At least `size` bytes of the body (fewer only at its end; b"" once it is over).
+
+        Share data comes one TLS record (16 KiB) per event, and a timeout scope per event cost about as much as
+        the rest of its handling: one scope covers the chunk instead, its deadline moved on as data comes once
+        it is an eighth of `body_timeout` stale, so the read ends after body_timeout to 9/8 of it of silence.
+        """
+        timeout = self.conn.limits.body_timeout
         parts, total = [], 0
-        while total < size and (data := await self._body_event()) is not None:
-            parts.append(data)
-            total += len(data)
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            while total < size and (data := await self._body_event(timed=False)) is not None:
+                parts.append(data)
+                total += len(data)
+                now = trio.current_time()
+                if scope.deadline - now < timeout:
+                    scope.deadline = now + timeout * 9 / 8
+        if scope.cancelled_caught:
+            raise _ConnectionDone("timed out waiting for the client")
         return b"".join(parts)
 
     async def read_cbor(self, limit: int) -> Any:

@@ -1,0 +1,701 @@
+"""`blackmatch mount MOUNTPOINT` and `blackmatch unmount MOUNTPOINT`.
+
+`mount` serves a grid directory (the node's alias `tahoe:` unless told otherwise) at MOUNTPOINT. A node directory
+that does not exist yet is created first, as `blackmatch create-node` would (an embedded local grid and a root
+directory). Without `--foreground` the command returns once the mount is ready and a background process keeps
+serving it: that process is forked, leaves the terminal's session, and writes its log to
+`NODEDIR/private/blackmatch/mounts/KEY.log`; its pid is in `KEY.pid` next to it, where KEY names the mountpoint.
+The pid file is locked (flock) for as long as the process lives, which tells a live process from a stale file.
+
+The process unmounts on SIGTERM, SIGINT or SIGHUP, or when something unmounts the filesystem (`blackmatch
+unmount`, `fusermount3 -u`); then it lets the filesystem finish its uploads and exits. A second signal while it is
+finishing stops it at once; what was not uploaded yet stays queued on disk and goes up on the next mount.
+
+`unmount` runs `fusermount3 -u MOUNTPOINT` and waits until the serving process has exited, so that when it returns
+every write is on the grid.
+
+How the filesystem is reached is a parameter (`Transport`): this version serves it in the mounting process
+(`--no-split`); the split into a separate grid server plugs in as another transport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from grid_server.operations import Operations
+from lafs_core.caps import ChkVerifierCap, DirectoryCap, MutableVerifierCap, parse_known_cap
+from lafs_core.errors import LafsError
+from lafs_core.grid.nodedir import NodeDirectory
+
+from .grid_commands import create_node
+from .node_options import DEFAULT_NODE_DIRECTORY, add_node_directory_option
+
+log = logging.getLogger("blackmatch.mount")
+
+FSNAME = "blackmatch"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+READY_TIMEOUT = 300.0  # seconds `mount` waits for the background process to have mounted
+UNMOUNT_TIMEOUT = 600.0  # default seconds `unmount` waits for the serving process to finish its uploads
+LOG_TAIL_LINES = 20
+LOG_ROTATE_BYTES = 8 << 20
+
+
+class MountError(LafsError):
+    """A mount or unmount that cannot go ahead; the message is the one line the user sees."""
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+def add_mount_commands(commands: argparse._SubParsersAction) -> None:
+    mount = commands.add_parser(
+        "mount",
+        help="mount a grid directory (served in the background until unmounted)",
+        description="Mount a grid directory at MOUNTPOINT. Without --foreground, returns once it is mounted and "
+        "serves it from a background process; stop it with: blackmatch unmount MOUNTPOINT.",
+    )
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing directory")
+    add_node_directory_option(mount)
+    root = mount.add_mutually_exclusive_group()
+    root.add_argument("--alias", metavar="NAME", help="mount this alias of the node (default: tahoe)")
+    root.add_argument("--root-cap", metavar="CAP", help="mount this directory cap (a read-only cap mounts read-only)")
+    mount.add_argument(
+        "--no-split", action="store_true", help="serve the filesystem in the mounting process, not a grid server"
+    )
+    mount.add_argument("--foreground", action="store_true", help="serve in this process until unmounted or Ctrl-C")
+    mount.add_argument(
+        "--cache-timeout",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="re-read directories from the grid when their copy is older than this",
+    )
+    mount.add_argument(
+        "--cache-size", type=parse_size, metavar="BYTES", help="disk cache of file contents (suffixes K, M, G, T)"
+    )
+    mount.add_argument(
+        "-o",
+        dest="fuse_options",
+        action="append",
+        default=[],
+        metavar="OPTION[,OPTION...]",
+        help="FUSE mount option, e.g. allow_other (repeatable)",
+    )
+    mount.set_defaults(handler=mount_command)
+
+    unmount = commands.add_parser(
+        "unmount",
+        help="unmount a blackmatch mount; returns when its uploads are done",
+        description="Unmount MOUNTPOINT and wait until the process serving it has finished uploading and exited.",
+    )
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    add_node_directory_option(unmount)
+    unmount.add_argument(
+        "--timeout",
+        type=_non_negative_float,
+        default=UNMOUNT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for pending uploads (default {UNMOUNT_TIMEOUT:g})",
+    )
+    unmount.set_defaults(handler=unmount_command)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
+
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: digits with an optional binary suffix K, M, G or T (also KiB, MB, ...)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}")
+    return int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()]
+
+
+# --- transports ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FilesystemSettings:
+    """What the command line says about the filesystem, whichever transport serves it (None: its default)."""
+
+    cache_timeout: float | None = None
+    cache_size: int | None = None
+
+    def given(self) -> dict[str, float | int]:
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+
+# Opens the operations the shim forwards to; leaving the context must finish (or durably queue) the uploads.
+OperationsOpener = Callable[[], AbstractAsyncContextManager[Operations]]
+Transport = Callable[[NodeDirectory, str, FilesystemSettings], OperationsOpener]
+
+
+def in_process_transport(node: NodeDirectory, root_cap: str, settings: FilesystemSettings) -> OperationsOpener:
+    """`--no-split`: a GridFilesystem in this process. Imported here, before any fork, so a missing or broken
+    grid_server shows up as an error of the command rather than in the log of the background process."""
+    try:
+        from grid_server.filesystem import FilesystemOptions, open_filesystem
+    except ImportError as exc:
+        raise MountError(f"cannot load the grid filesystem (grid_server.filesystem): {exc}") from None
+    options = FilesystemOptions(**settings.given())
+    return lambda: open_filesystem(node, root_cap, options)
+
+
+def choose_transport(split: bool) -> Transport:
+    if split:
+        print(
+            "blackmatch: note: a separate grid server is not available yet; serving in the mount process "
+            "(as with --no-split)",
+            file=sys.stderr,
+        )
+    return in_process_transport
+
+
+# --- mounts, as the kernel lists them --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts() -> list[MountEntry]:
+    """Every mount this process sees (/proc/self/mountinfo): never touches the mounted filesystems, so a dead
+    or hung FUSE mount cannot block it."""
+    entries = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            fields = line.rstrip("\n").split(" ")
+            try:
+                separator = fields.index("-", 6)
+            except ValueError:
+                continue
+            entries.append(MountEntry(_unescape_mountinfo(fields[4]), fields[separator + 1], fields[separator + 2]))
+    return entries
+
+
+def find_mount(mountpoint: Path) -> MountEntry | None:
+    """The mount at `mountpoint` (canonical), the topmost one if several are stacked there."""
+    found = None
+    for entry in mounts():
+        if entry.mountpoint == str(mountpoint):
+            found = entry
+    return found
+
+
+def is_blackmatch(entry: MountEntry) -> bool:
+    return entry.fstype == f"fuse.{FSNAME}" or (entry.fstype.startswith("fuse") and entry.source == FSNAME)
+
+
+def canonical_mountpoint(path: Path) -> Path:
+    """The absolute path the kernel lists the mount under, found without looking inside the mount itself (a dead
+    FUSE mount fails every stat, a hung one blocks it): the parent is resolved, the last component only when
+    nothing is mounted on it (it may be a symlink to the real mountpoint)."""
+    path = Path(os.path.abspath(path))
+    if path.parent == path:
+        return path
+    candidate = Path(os.path.realpath(path.parent)) / path.name
+    if find_mount(candidate) is not None:
+        return candidate
+    return Path(os.path.realpath(candidate))
+
+
+# --- per-mount files: pid and log ------------------------------------------------------------------------------
+def mount_key(mountpoint: Path) -> str:
+    """A file name for a mountpoint: readable, and unique by a hash of the whole path."""
+    text = str(mountpoint)
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")[-40:] or "root"
+    return f"{readable}-{hashlib.sha256(os.fsencode(text)).hexdigest()[:12]}"
+
+
+def mounts_directory(node: NodeDirectory) -> Path:
+    """`NODEDIR/private/blackmatch/mounts` (0700)."""
+    directory = node.private / "blackmatch" / "mounts"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for level in (directory.parent, directory):
+        os.chmod(level, 0o700)
+    return directory
+
+
+def pid_file(node: NodeDirectory, mountpoint: Path) -> Path:
+    return node.private / "blackmatch" / "mounts" / f"{mount_key(mountpoint)}.pid"
+
+
+def log_file(node: NodeDirectory, mountpoint: Path) -> Path:
+    return node.private / "blackmatch" / "mounts" / f"{mount_key(mountpoint)}.log"
+
+
+class PidFile:
+    """The serving process's pid file, locked while it lives."""
+
+    def __init__(self, path: Path, mountpoint: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise MountError(f"another blackmatch process already serves {mountpoint} (see {path})") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n{mountpoint}\n".encode())
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        os.close(self.fd)
+
+
+@dataclass
+class ServingProcess:
+    """A live process serving a mountpoint, as `unmount` finds it: its pid, and its pid file kept open to watch
+    the lock (which the process holds until it exits)."""
+
+    pid: int
+    path: Path
+    fd: int
+
+    @classmethod
+    def from_pid_file(cls, path: Path) -> ServingProcess | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        process = None
+        try:
+            pid = int(os.read(fd, 4096).split(b"\n", 1)[0])
+            process = cls(pid, path, fd)
+            if process.exited():
+                process = None
+        except ValueError:
+            process = None
+        finally:
+            if process is None:
+                os.close(fd)
+        return process
+
+    def lock_released(self) -> bool:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return True
+
+    def exited(self) -> bool:
+        return self.lock_released() and not process_alive(self.pid)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: nobody may be reaping an orphaned daemon)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state not in (b"Z", b"X")
+
+
+def find_serving_process(node: NodeDirectory, mountpoint: Path) -> ServingProcess | None:
+    """The process serving `mountpoint`: from the pid file in `node`; else any process holding a blackmatch pid
+    file for this mountpoint open (found through /proc, whichever node directory it uses)."""
+    process = ServingProcess.from_pid_file(pid_file(node, mountpoint))
+    if process is not None:
+        return process
+    suffix = f"/private/blackmatch/mounts/{mount_key(mountpoint)}.pid"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+        except OSError:
+            continue
+        for link in links:
+            if link.endswith(suffix):
+                process = ServingProcess.from_pid_file(Path(link))
+                if process is not None and process.pid == int(entry.name):
+                    return process
+                if process is not None:
+                    process.close()
+    return None
+
+
+# --- mount -----------------------------------------------------------------------------------------------------
+def check_mountpoint(path: Path, node: NodeDirectory) -> Path:
+    mountpoint = canonical_mountpoint(path)
+    entry = find_mount(mountpoint)
+    if entry is not None:
+        if is_blackmatch(entry) and find_serving_process(node, mountpoint) is None:
+            raise MountError(
+                f"{mountpoint} is still mounted, but no blackmatch process serves it any more; "
+                f"clear it with: blackmatch unmount {mountpoint}"
+            )
+        raise MountError(f"{mountpoint} is already mounted")
+    try:
+        is_directory = mountpoint.is_dir()
+        exists = is_directory or mountpoint.exists()
+    except OSError as exc:
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not exists:
+        raise MountError(f"mountpoint {mountpoint} does not exist")
+    if not is_directory:
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    return mountpoint
+
+
+def check_root_cap(text: str) -> DirectoryCap:
+    cap = parse_known_cap(text.strip())
+    if not isinstance(cap, DirectoryCap):
+        raise MountError("--root-cap is not a directory cap")
+    if isinstance(cap.file_cap, ChkVerifierCap | MutableVerifierCap):
+        raise MountError("--root-cap is a verify cap, which cannot list a directory")
+    return cap
+
+
+def node_for_mount(args: argparse.Namespace) -> NodeDirectory:
+    """The node directory to use; made (with an embedded grid and a root directory) when it does not exist."""
+    node = NodeDirectory(args.node_directory or DEFAULT_NODE_DIRECTORY)
+    if not node.exists():
+        create_node(node.path)
+        print(f"Node directory created in {node.path}, with an embedded local grid", file=sys.stderr)
+    return node
+
+
+def root_of(node: NodeDirectory, args: argparse.Namespace) -> tuple[str, str]:
+    """The root cap to mount, and how to name it to the user (never the cap itself)."""
+    if args.root_cap:
+        return args.root_cap.strip(), "the directory cap given"
+    alias = (args.alias or "tahoe").removesuffix(":")
+    cap = node.aliases().get(alias)
+    if cap is None:
+        raise MountError(f"no alias {alias}: in {node.private / 'aliases'}")
+    return cap, f"{alias}:"
+
+
+def fuse_options(extra: list[str], read_only: bool) -> set[str]:
+    """The mount options: the kernel checks permissions against the modes the server reports
+    (default_permissions); set-user-id bits and device files from a shared grid mean nothing here (nosuid, nodev);
+    a read-only root mounts read-only. Options from -o come last, so they can override."""
+    options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions", "nosuid", "nodev"]
+    if read_only:
+        options.append("ro")
+    for option in extra:
+        options.extend(item.strip() for item in option.split(",") if item.strip())
+    return set(options)
+
+
+@dataclass(frozen=True)
+class MountPlan:
+    mountpoint: Path
+    node: NodeDirectory
+    what: str
+    open_operations: OperationsOpener
+    options: set[str]
+
+
+def mount_command(args: argparse.Namespace) -> int:
+    mountpoint = check_mountpoint(args.mountpoint, NodeDirectory(args.node_directory or DEFAULT_NODE_DIRECTORY))
+    if args.root_cap:
+        check_root_cap(args.root_cap)
+    node = node_for_mount(args)
+    root_cap, what = root_of(node, args)
+    read_only = check_root_cap(root_cap).is_readonly
+    settings = FilesystemSettings(cache_timeout=args.cache_timeout, cache_size=args.cache_size)
+    transport = choose_transport(split=not args.no_split)
+    options = fuse_options(args.fuse_options, read_only)
+    plan = MountPlan(mountpoint, node, what, transport(node, root_cap, settings), options)
+    mounts_directory(node)
+    if args.foreground:
+        return serve_foreground(plan)
+    return serve_in_background(plan)
+
+
+def _unmount_hint(plan: MountPlan) -> str:
+    default = NodeDirectory(DEFAULT_NODE_DIRECTORY).path
+    node_option = "" if plan.node.path == default else f" -d {plan.node.path}"
+    return f"blackmatch unmount {plan.mountpoint}{node_option}"
+
+
+def serve_foreground(plan: MountPlan) -> int:
+    _configure_logging()
+
+    def ready() -> None:
+        print(f"Mounted {plan.what} on {plan.mountpoint}; Ctrl-C or `{_unmount_hint(plan)}` unmounts", flush=True)
+
+    return run_server(plan, ready)
+
+
+def serve_in_background(plan: MountPlan) -> int:
+    log_path = log_file(plan.node, plan.mountpoint)
+    with contextlib.suppress(OSError):
+        if log_path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(log_path, log_path.with_name(log_path.name + ".1"))
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    log_start = os.fstat(log_fd).st_size
+    ready_read, ready_write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the serving process
+        status = 1
+        try:
+            os.close(ready_read)
+            os.setsid()
+            os.chdir("/")
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.close(log_fd)
+            _configure_logging()
+
+            def ready() -> None:
+                with contextlib.suppress(OSError):  # the mount command went away: serve anyway
+                    os.write(ready_write, b"ready\n")
+                    os.close(ready_write)
+
+            status = run_server(plan, ready)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            with contextlib.suppress(BaseException):
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(status)
+
+    os.close(ready_write)
+    os.close(log_fd)
+    try:
+        outcome = _wait_until_ready(ready_read, pid)
+    except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+        raise
+    finally:
+        os.close(ready_read)
+    if outcome == "ready" and find_mount(plan.mountpoint) is not None:
+        print(f"Mounted {plan.what} on {plan.mountpoint} (pid {pid}; log {log_path})")
+        print(f"Unmount with: {_unmount_hint(plan)}")
+        return 0
+    if outcome == "timeout":
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+        problem = f"{plan.mountpoint} was not mounted after {READY_TIMEOUT:g} s; stopped the attempt"
+    elif outcome == "ready":
+        problem = f"the background process reported ready, but {plan.mountpoint} is not mounted"
+    else:
+        problem = f"mounting {plan.mountpoint} failed ({outcome})"
+    print(f"blackmatch: error: {problem}; log: {log_path}", file=sys.stderr)
+    for line in _log_tail(log_path, log_start):
+        print(f"  {line}", file=sys.stderr)
+    return 1
+
+
+def _wait_until_ready(ready_read: int, pid: int) -> str:
+    """ "ready", "timeout", or how the background process ended."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    received = b""
+    while (remaining := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([ready_read], [], [], min(remaining, 1.0))
+        if not readable:
+            continue
+        chunk = os.read(ready_read, 64)
+        received += chunk
+        if b"ready" in received:
+            return "ready"
+        if not chunk:
+            _, status = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(status):
+                return f"the background process was killed by signal {os.WTERMSIG(status)}"
+            return f"the background process exited with status {os.waitstatus_to_exitcode(status)}"
+    return "timeout"
+
+
+def _log_tail(path: Path, start: int) -> list[str]:
+    try:
+        with open(path, "rb") as log_handle:
+            log_handle.seek(start)
+            text = log_handle.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return text.splitlines()[-LOG_TAIL_LINES:]
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def run_server(plan: MountPlan, ready: Callable[[], None]) -> int:
+    """Serve the mount until it is unmounted or a signal stops it; 0 when it ended cleanly."""
+    log.info("serving %s on %s (pid %d)", plan.what, plan.mountpoint, os.getpid())
+    try:
+        pid_handle = PidFile(pid_file(plan.node, plan.mountpoint), plan.mountpoint)
+    except MountError as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        return trio.run(_serve, plan, ready)
+    except Exception as exc:
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if isinstance(exc, LafsError | OSError):
+            log.error("the mount failed: %s", exc)
+        else:
+            log.error("the mount failed", exc_info=exc)
+        return 1
+    finally:
+        pid_handle.remove()
+        log.info("exiting")
+
+
+async def _serve(plan: MountPlan, ready: Callable[[], None]) -> int:
+    import pyfuse3
+
+    from .shim import FuseShim
+
+    phase = "opening"
+    life = trio.CancelScope()
+
+    async def on_signals(signals) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if phase == "serving":
+                log.info("%s: unmounting", name)
+                pyfuse3.terminate()
+            elif phase == "opening":
+                log.info("%s: giving up before the mount was ready", name)
+                life.cancel()
+            else:
+                log.warning("%s: stopping without waiting for uploads; they resume on the next mount", name)
+                life.cancel()
+
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_signals, signals)
+            try:
+                with life:
+                    async with plan.open_operations() as operations:
+                        shim = FuseShim(operations)
+                        try:
+                            pyfuse3.init(shim, str(plan.mountpoint), plan.options)
+                        except RuntimeError as exc:  # libfuse printed the reason just before
+                            raise MountError(f"FUSE could not mount {plan.mountpoint}: {exc}") from None
+                        phase = "serving"
+                        try:
+                            ready()
+                            log.info("mounted %s", plan.mountpoint)
+                            await pyfuse3.main()
+                        finally:
+                            phase = "draining"
+                            pyfuse3.close(unmount=True)
+                            log.info("unmounted %s; finishing uploads", plan.mountpoint)
+                            await shim.release_leftovers()
+            finally:
+                nursery.cancel_scope.cancel()
+    if life.cancelled_caught:
+        return 1 if phase == "opening" else 0
+    log.info("all done")
+    return 0
+
+
+# --- unmount ---------------------------------------------------------------------------------------------------
+def unmount_command(args: argparse.Namespace) -> int:
+    mountpoint = canonical_mountpoint(args.mountpoint)
+    node = NodeDirectory(args.node_directory or DEFAULT_NODE_DIRECTORY)
+    entry = find_mount(mountpoint)
+    if entry is not None and not is_blackmatch(entry):
+        raise MountError(f"{mountpoint} is not a blackmatch mount (it is {entry.fstype})")
+    process = find_serving_process(node, mountpoint)
+    if entry is None and process is None:
+        raise MountError(f"{mountpoint} is not mounted")
+    try:
+        if entry is not None:
+            _fusermount_unmount(mountpoint)
+        if process is None:
+            print(
+                f"Unmounted {mountpoint}; no process was serving it any more "
+                "(writes it had not uploaded go up on the next mount of the same node directory)",
+            )
+            return 0
+        _wait_for_exit(process, mountpoint, args.timeout)
+    finally:
+        if process is not None:
+            process.close()
+    print(f"Unmounted {mountpoint}")
+    return 0
+
+
+def _fusermount_unmount(mountpoint: Path) -> None:
+    command = shutil.which("fusermount3") or shutil.which("fusermount")
+    if command is None:
+        raise MountError("cannot unmount: fusermount3 is not installed (Debian package fuse3)")
+    result = subprocess.run([command, "-u", str(mountpoint)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"{Path(command).name} exited with status {result.returncode}"
+        if "busy" in reason.lower():
+            reason += " (something still uses it: a shell's working directory, an open file)"
+        raise MountError(f"cannot unmount {mountpoint}: {reason}")
+
+
+def _wait_for_exit(process: ServingProcess, mountpoint: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    told = False
+    started = time.monotonic()
+    while not process.exited():
+        now = time.monotonic()
+        if now >= deadline:
+            log_path = process.path.with_suffix(".log")
+            raise MountError(
+                f"{mountpoint} is unmounted, but its process (pid {process.pid}) is still finishing uploads "
+                f"after {timeout:g} s; it goes on in the background (log {log_path})"
+            )
+        if not told and now - started > 2:
+            print(f"Waiting for pid {process.pid} to finish uploading...", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(0.05)

@@ -1,0 +1,1029 @@
+"""GridFilesystem: the filesystem operations (grid_server/operations.py) over a Tahoe grid.
+
+Files are immutable CHK (LIT up to 55 bytes): a file opened for writing is copied into a local file, written
+there, and on its last close uploaded in the background as a new immutable file whose cap replaces the entry.
+Directory changes (create, write, rename, unlink, attribute changes) become pending entries of their directory,
+recorded in the write-back journal before the call returns, and published in batches: one directory update for
+many changes, re-applied on top of whatever another writer did meanwhile. `fsync` waits until the file and its
+entry are on the grid. Mutable files keep their cap: a write publishes a new version of them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lafs_core.caps import (
+    Cap,
+    ChkCap,
+    DirectoryCap,
+    LiteralCap,
+    MutableReadCap,
+    MutableWriteCap,
+    UnknownCap,
+    parse_cap,
+)
+from lafs_core.dirnode import child_entry, update_metadata
+from lafs_core.errors import LafsError
+from lafs_core.grid.directory import (
+    Children,
+    DirectoryError,
+    create_directory,
+    modify_directory,
+    read_directory,
+)
+from lafs_core.grid.download import ImmutableFile
+from lafs_core.grid.grid import Grid, gather_per_server
+from lafs_core.grid.mutable_io import overwrite, retrieve
+from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.servers import open_grid
+from lafs_core.grid.upload import file_chunks, upload_immutable
+from lafs_core.immutable.params import LIT_THRESHOLD
+
+from .journal import WriteJournal
+from .local_files import LocalFile, LocalFiles
+from .metadata import PosixFields, file_type, posix_fields, with_posix_fields
+from .nodes import DIRECTORY, FILE, REMOVED, SYMLINK, Directory, Inode
+from .operations import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT_INODE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    AttrChanges,
+    Attributes,
+    Caller,
+    DirectoryEntry,
+    FsError,
+    FsStats,
+)
+from .read_cache import ReadCache
+
+log = logging.getLogger("blackmatch.filesystem")
+
+CAP_XATTR, READCAP_XATTR = "user.tahoe.cap", "user.tahoe.readcap"
+READDIR_BATCH = 512
+PUBLISH_COALESCE = 0.05  # seconds a directory waits for more changes before it publishes
+PUBLISH_RETRY = 2.0
+NAME_MAX = 255
+BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class FilesystemOptions:
+    cache_timeout: float = 5.0  # directory listings older than this are re-read from the grid
+    cache_size: int = 1 << 30  # bytes of downloaded file content kept on disk
+    upload_workers: int = 3
+
+
+@dataclass(eq=False)
+class _Handle:
+    inode: Inode
+    writable: bool
+    names: list[str] | None = None  # for directory handles: the listing as it was at opendir
+
+
+class GridFilesystem:
+    """The Operations interface over one grid, rooted at one directory cap."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        root: DirectoryCap,
+        options: FilesystemOptions,
+        state_dir: Path,
+        nursery: trio.Nursery,
+        read_cache: ReadCache,
+    ) -> None:
+        self.grid = grid
+        self.options = options
+        self.readonly = root.is_readonly
+        self.nursery = nursery
+        self.local_files = LocalFiles(state_dir / "files")
+        self.read_cache = read_cache
+        self.journal = WriteJournal(state_dir / "journal")
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.inodes: dict[int, Inode] = {}
+        self.directories: dict[str, Directory] = {}
+        self.handles: dict[int, _Handle] = {}
+        self.local_owners: dict[str, set[Inode]] = {}
+        self.upload_locks: dict[str, trio.Lock] = {}
+        self._next_inode = ROOT_INODE + 1
+        self._next_handle = 1
+        self._seq = 0
+        self._uploads_send, self._uploads_receive = trio.open_memory_channel[LocalFile](1 << 20)
+        self._queued: set[str] = set()
+        self._changed = trio.Event()
+        root_dir = self._directory(root)
+        self.root = Inode(ROOT_INODE, DIRECTORY, root, {}, directory=root_dir, lookups=1)
+        root_dir.inode = self.root
+        self.inodes[ROOT_INODE] = self.root
+
+    # --- start, drain, close -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._replay_journal()
+        for _ in range(self.options.upload_workers):
+            self.nursery.start_soon(self._upload_worker)
+
+    async def drain(self, give_up_after: float = 120.0) -> bool:
+        """Wait until every change is on the grid; False if that made no progress for `give_up_after` seconds
+        (the journal keeps the rest for the next start)."""
+        for inode in list(self.inodes.values()):
+            if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
+                self._queue_upload(inode.local)
+        while self._outstanding():
+            for directory in self.directories.values():
+                if directory.pending:
+                    directory.request_publish(urgent=True)
+            self._changed = trio.Event()
+            with trio.move_on_after(give_up_after) as waited:
+                await self._changed.wait()
+            if waited.cancelled_caught:
+                left = self._outstanding()
+                log.warning("unmounting with %d changes still queued; they resume on the next mount", left)
+                return False
+        return True
+
+    def _outstanding(self) -> int:
+        pending = sum(len(d.pending) for d in self.directories.values())
+        return pending + len(self._queued)
+
+    def close(self) -> None:
+        self.journal.close()
+        for inode in self.inodes.values():
+            if inode.local is not None:
+                inode.local.close()
+
+    # --- inodes and directories --------------------------------------------------------------------------
+    def _directory(self, cap: DirectoryCap) -> Directory:
+        key = cap.to_string()
+        directory = self.directories.get(key)
+        if directory is None:
+            directory = self.directories[key] = Directory(cap)
+        return directory
+
+    def _new_inode(self, kind: str, cap: Cap | None, metadata: dict[str, Any]) -> Inode:
+        inode = Inode(self._next_inode, kind, cap, metadata)
+        self._next_inode += 1
+        self.inodes[inode.number] = inode
+        if kind == DIRECTORY:
+            assert isinstance(cap, DirectoryCap)
+            inode.directory = self._directory(cap)
+            inode.directory.inode = inode
+        return inode
+
+    def _inode(self, number: int) -> Inode:
+        inode = self.inodes.get(number)
+        if inode is None:
+            raise FsError(errno.ESTALE, f"inode {number} is not known")
+        return inode
+
+    def _dir_of(self, number: int) -> Directory:
+        inode = self._inode(number)
+        if inode.directory is None:
+            raise FsError(errno.ENOTDIR, "not a directory")
+        return inode.directory
+
+    async def _fresh(self, directory: Directory) -> Directory:
+        """The directory with a listing no older than the cache timeout."""
+        if directory.stale(self.options.cache_timeout):
+            async with directory.refresh_lock:
+                if directory.stale(self.options.cache_timeout):
+                    try:
+                        listing = await read_directory(self.grid, directory.cap)
+                    except LafsError as exc:
+                        if directory.listing is None:
+                            raise FsError(errno.EIO, f"cannot read directory: {exc}") from None
+                        log.warning("directory re-read failed, using the last listing: %s", exc)
+                    else:
+                        directory.listing = listing
+                    directory.fetched_at = time.monotonic()
+        return directory
+
+    @staticmethod
+    def _kind_of(cap: Cap, metadata: dict[str, Any]) -> str:
+        if isinstance(cap, DirectoryCap):
+            return DIRECTORY
+        ours = metadata.get("blackmatch")
+        return SYMLINK if isinstance(ours, dict) and ours.get("symlink") is True else FILE
+
+    def _child(self, directory: Directory, name: str) -> Inode | None:
+        """The inode linked at `name` in the directory's view (made from the listing if new), or None."""
+        if name in directory.pending:
+            return directory.pending[name]
+        assert directory.listing is not None
+        entry = directory.listing.get(name)
+        if entry is None:
+            return None
+        cap = entry.cap
+        inode = directory.inodes.get(name)
+        replaced = inode is not None and (inode.cap is None or inode.cap.to_string() != cap.to_string())
+        if replaced and inode.local is None and inode.opens == 0:
+            self._detach(inode)  # replaced elsewhere: a new inode for the new object
+            inode = None
+        if inode is None:
+            inode = self._new_inode(self._kind_of(cap, entry.metadata), cap, dict(entry.metadata))
+            self._attach(inode, directory, name)
+        elif inode.local is None:
+            inode.metadata = dict(entry.metadata)
+        return inode
+
+    def _attach(self, inode: Inode, directory: Directory, name: str) -> None:
+        inode.parent, inode.name = directory, name
+        directory.inodes[name] = inode
+
+    def _detach(self, inode: Inode) -> None:
+        if inode.parent is not None and inode.parent.inodes.get(inode.name) is inode:
+            del inode.parent.inodes[inode.name]
+        inode.parent, inode.name = None, ""
+        self._maybe_drop(inode)
+
+    def _maybe_drop(self, inode: Inode) -> None:
+        if inode.lookups > 0 or inode.opens > 0 or inode.number == ROOT_INODE:
+            return
+        if inode.parent is not None and inode.parent.pending.get(inode.name) is inode:
+            return  # its entry is still to be published
+        if inode.local is not None and (inode.local.dirty or inode.local.id in self._queued):
+            return
+        if inode.parent is not None and inode.parent.inodes.get(inode.name) is inode:
+            del inode.parent.inodes[inode.name]
+        self.inodes.pop(inode.number, None)
+        if inode.local is not None:
+            self._release_local(inode)
+
+    def _release_local(self, inode: Inode) -> None:
+        local = inode.local
+        assert local is not None
+        inode.local = None
+        owners = self.local_owners.get(local.id, set())
+        owners.discard(inode)
+        if not owners:
+            self.local_owners.pop(local.id, None)
+            self.upload_locks.pop(local.id, None)
+            local.remove()
+
+    # --- attributes ---------------------------------------------------------------------------------------
+    def _fields(self, inode: Inode) -> PosixFields:
+        writable = not self.readonly and self._replaceable(inode.cap)
+        return posix_fields(
+            inode.metadata, is_dir=inode.kind == DIRECTORY, writable=writable, uid=self.uid, gid=self.gid
+        )
+
+    def _set_fields(self, inode: Inode, fields: PosixFields) -> None:
+        inode.metadata = with_posix_fields(inode.metadata, fields)
+
+    async def _size(self, inode: Inode) -> int:
+        if inode.local is not None:
+            return inode.local.size
+        cap = inode.cap
+        if isinstance(cap, LiteralCap):
+            return len(cap.data)
+        if isinstance(cap, ChkCap):
+            return cap.size
+        if isinstance(cap, MutableWriteCap | MutableReadCap):
+            await self._materialize(inode)
+            assert inode.local is not None
+            return inode.local.size
+        return BLOCK if inode.kind == DIRECTORY else 0
+
+    async def _attributes(self, inode: Inode) -> Attributes:
+        fields = self._fields(inode)
+        size = await self._size(inode)
+        timeout = min(1.0, self.options.cache_timeout)
+        return Attributes(
+            inode=inode.number,
+            mode=file_type(inode.kind == DIRECTORY, fields) | fields.mode,
+            nlink=2 if inode.kind == DIRECTORY else 1,
+            uid=fields.uid,
+            gid=fields.gid,
+            size=size,
+            atime_ns=fields.mtime_ns,
+            mtime_ns=fields.mtime_ns,
+            ctime_ns=fields.ctime_ns,
+            attr_timeout=timeout,
+            entry_timeout=timeout,
+        )
+
+    @staticmethod
+    def _replaceable(cap: Cap | None) -> bool:
+        """Whether writing may change this object. Immutable files are always rewritable (the entry gets a new
+        cap); a mutable file or directory needs its write cap."""
+        if isinstance(cap, DirectoryCap | MutableReadCap | UnknownCap):
+            return not cap.is_readonly if isinstance(cap, DirectoryCap) else False
+        return True
+
+    def _check_writable(self, directory: Directory | None = None) -> None:
+        if self.readonly:
+            raise FsError(errno.EROFS, "the mount is read-only")
+        if directory is not None and directory.cap.is_readonly:
+            raise FsError(errno.EACCES, "the directory is read-only")
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not name or name in (".", "..") or "/" in name or len(name.encode("utf-8")) > NAME_MAX:
+            raise FsError(errno.EINVAL if len(name.encode("utf-8")) <= NAME_MAX else errno.ENAMETOOLONG, "bad name")
+
+    # --- pending changes and the journal --------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _set_pending(self, directory: Directory, name: str, inode: Inode | None) -> None:
+        """Record that `name` in `directory` is to become `inode` (None: to be removed), journal first."""
+        seq = self._next_seq()
+        record: dict[str, Any] = {"op": "set", "seq": seq, "dir": directory.cap.to_string(), "name": name}
+        if inode is not None:
+            record["kind"] = inode.kind
+            record["meta"] = inode.metadata
+            record["cap"] = inode.cap.to_string() if inode.cap is not None else None
+            record["local"] = inode.local.id if inode.local is not None and inode.local.dirty else None
+            inode.seq = seq
+            self._attach(inode, directory, name)
+        self.journal.append(record)
+        directory.pending[name] = inode
+        directory.pending_seq[name] = seq
+        if inode is None or inode.ready:
+            self._want_publish(directory)
+
+    def _touch(self, inode: Inode) -> None:
+        """Re-record an inode's entry after its content or attributes changed."""
+        if inode.parent is not None:
+            self._set_pending(inode.parent, inode.name, inode)
+
+    def _want_publish(self, directory: Directory, urgent: bool = False) -> None:
+        directory.request_publish(urgent)
+        if not directory.publisher_running:
+            directory.publisher_running = True
+            self.nursery.start_soon(self._publisher, directory)
+
+    async def _publisher(self, directory: Directory) -> None:
+        """Publish the directory's ready changes, many names in one update, for as long as any come."""
+        while True:
+            await directory.publish_wanted.wait()
+            directory.publish_wanted = trio.Event()
+            if not directory.urgent:
+                await trio.sleep(PUBLISH_COALESCE)
+            directory.urgent = False
+            batch = {
+                name: (item, directory.pending_seq[name])
+                for name, item in directory.pending.items()
+                if item is REMOVED or item.ready
+            }
+            if batch:
+                await self._publish(directory, batch)
+            done, directory.round_done = directory.round_done, trio.Event()
+            done.set()
+            self._changed.set()
+            if not directory.pending:
+                self._maybe_compact()
+
+    async def _publish(self, directory: Directory, batch: dict[str, tuple[Inode | None, int]]) -> None:
+        now = time.time()
+
+        def apply(children: Children) -> Children:
+            for name, (item, _seq) in batch.items():
+                if item is REMOVED:
+                    children.pop(name, None)
+                else:
+                    assert item.cap is not None
+                    old = children.get(name)
+                    metadata = update_metadata(old.metadata if old else None, item.metadata, now)
+                    children[name] = child_entry(item.cap, metadata)
+            return children
+
+        try:
+            listing = await modify_directory(self.grid, directory.cap, apply)
+        except LafsError as exc:
+            directory.failure = str(exc)
+            log.warning("directory update failed, will retry: %s", exc)
+            self.nursery.start_soon(self._retry_publish, directory)
+            return
+        directory.failure = None
+        directory.listing, directory.fetched_at = listing, time.monotonic()
+        published = []
+        for name, (item, seq) in batch.items():
+            if directory.pending_seq.get(name) == seq:
+                del directory.pending[name]
+                del directory.pending_seq[name]
+                published.append(seq)
+                if item is not None:
+                    item.metadata = dict(listing[name].metadata)
+                    self._maybe_drop(item)
+        self.journal.append({"op": "published", "seqs": published})
+
+    async def _retry_publish(self, directory: Directory) -> None:
+        await trio.sleep(PUBLISH_RETRY)
+        directory.request_publish()
+
+    def _maybe_compact(self) -> None:
+        if not any(d.pending for d in self.directories.values()) and not self._queued:
+            self.journal.rewrite([])
+
+    async def _replay_journal(self) -> None:
+        """Put the changes a previous run left unpublished back in the queue."""
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        uploaded: dict[str, str] = {}
+        published: set[int] = set()
+        for record in self.journal.replay():
+            op = record.get("op")
+            if op == "set":
+                latest[(record["dir"], record["name"])] = record
+            elif op == "uploaded":
+                uploaded[record["local"]] = record["cap"]
+            elif op == "published":
+                published.update(record["seqs"])
+        remaining = [r for r in latest.values() if r["seq"] not in published]
+        self._seq = max((r["seq"] for r in latest.values()), default=0)
+        keep = set()
+        for record in sorted(remaining, key=lambda r: r["seq"]):
+            try:
+                directory = self._directory(parse_cap(record["dir"]))  # type: ignore[arg-type]
+            except LafsError:
+                log.warning("journal names a malformed directory cap; skipped")
+                continue
+            if "kind" not in record:
+                directory.pending[record["name"]] = REMOVED
+                directory.pending_seq[record["name"]] = record["seq"]
+                self._want_publish(directory)
+                continue
+            local_id = record.get("local")
+            cap_text = uploaded.get(local_id) if local_id else record.get("cap")
+            cap = parse_cap(cap_text) if cap_text else None
+            inode = self._new_inode(record["kind"], cap, record["meta"])
+            if local_id and local_id not in uploaded:
+                local = self.local_files.existing(local_id)
+                if local is None:
+                    log.warning("a queued file's content is missing from the cache; its old version stays")
+                    continue
+                local.mark_dirty()
+                inode.local = local
+                keep.add(local_id)
+                self.local_owners.setdefault(local.id, set()).add(inode)
+            inode.seq = record["seq"]
+            self._attach(inode, directory, record["name"])
+            directory.pending[record["name"]] = inode
+            directory.pending_seq[record["name"]] = record["seq"]
+            if inode.local is not None:
+                self._queue_upload(inode.local)
+            else:
+                self._want_publish(directory)
+        for stale in self.local_files.ids() - keep:
+            (self.local_files.directory / stale).unlink(missing_ok=True)
+        if remaining:
+            log.info("resuming %d queued changes from the last run", len(remaining))
+
+    # --- uploads ------------------------------------------------------------------------------------------
+    def _queue_upload(self, local: LocalFile) -> None:
+        if local.id not in self._queued:
+            self._queued.add(local.id)
+            self._uploads_send.send_nowait(local)
+
+    async def _upload_worker(self) -> None:
+        async for local in self._uploads_receive:
+            self._queued.discard(local.id)
+            if local.writers == 0 and local.dirty:
+                await self._upload(local)
+            self._changed.set()
+
+    async def _upload(self, local: LocalFile) -> None:
+        """Upload the local file's current content and give its owners the new cap."""
+        lock = self.upload_locks.setdefault(local.id, trio.Lock())
+        async with lock:
+            if not local.dirty or local.fd < 0:
+                return
+            version, size = local.version, local.size
+            owners = self.local_owners.get(local.id, set())
+            mutable = next((o.cap for o in owners if isinstance(o.cap, MutableWriteCap)), None)
+            try:
+                if mutable is not None:
+                    data = await trio.to_thread.run_sync(local.pread, 0, size)
+                    await overwrite(self.grid, mutable, data)
+                    cap: Cap = mutable
+                else:
+                    cap = await upload_immutable(self.grid, size, file_chunks(local.path))
+            except LafsError as exc:
+                for owner in owners:
+                    owner.failure = str(exc)
+                log.warning("upload failed, will retry: %s", exc)
+                self.nursery.start_soon(self._retry_upload, local)
+                return
+            if local.version != version:
+                return  # written again meanwhile: the next close uploads the newer content
+            local.uploaded_version = version
+            self.journal.append({"op": "uploaded", "local": local.id, "cap": cap.to_string()})
+            for owner in owners:
+                owner.cap, owner.failure = cap, None
+                if owner.parent is not None and owner.parent.pending.get(owner.name) is owner:
+                    self._want_publish(owner.parent)
+
+    async def _retry_upload(self, local: LocalFile) -> None:
+        await trio.sleep(PUBLISH_RETRY * 2)
+        if local.dirty and local.writers == 0:
+            self._queue_upload(local)
+
+    # --- content ------------------------------------------------------------------------------------------
+    async def _content(self, cap: Cap | None, sink: Callable[[bytes], Any]) -> None:
+        """Feed a file cap's whole plaintext to `sink`, in order."""
+        if cap is None or isinstance(cap, DirectoryCap | UnknownCap):
+            return
+        if isinstance(cap, LiteralCap):
+            sink(cap.data)
+        elif isinstance(cap, MutableWriteCap | MutableReadCap):
+            data, _map, _version = await retrieve(self.grid, cap)
+            sink(data)
+        else:
+            assert isinstance(cap, ChkCap)
+
+            async def write(data: bytes) -> None:
+                await trio.to_thread.run_sync(sink, data)
+
+            await ImmutableFile(self.grid, cap).copy_to(write)
+
+    async def _materialize(self, inode: Inode, truncate: bool = False) -> LocalFile:
+        """Give the inode a local copy of its content (empty when truncating), to write or to read a mutable
+        file."""
+        if inode.local is not None:
+            if truncate and inode.local.size:
+                inode.local.truncate(0)
+            return inode.local
+        local = self.local_files.new()
+        try:
+            if not truncate:
+                offset = 0
+
+                def append(data: bytes) -> None:
+                    nonlocal offset
+                    os.pwrite(local.fd, data, offset)
+                    offset += len(data)
+
+                await self._content(inode.cap, append)
+                local.size = offset
+                local.uploaded_version = local.version  # the same bytes as the grid holds
+        except LafsError as exc:
+            local.remove()
+            raise FsError(errno.EIO, f"cannot read the file: {exc}") from None
+        except BaseException:
+            local.remove()
+            raise
+        inode.local = local
+        self.local_owners.setdefault(local.id, set()).add(inode)
+        return local
+
+    # --- operations: lookup and attributes -------------------------------------------------------------------
+    async def lookup(self, parent: int, name: str) -> Attributes:
+        directory = await self._fresh(self._dir_of(parent))
+        inode = self._child(directory, name)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        attributes = await self._attributes(inode)
+        inode.lookups += 1
+        return attributes
+
+    async def forget(self, counts: list[tuple[int, int]]) -> None:
+        for number, count in counts:
+            inode = self.inodes.get(number)
+            if inode is not None:
+                inode.lookups = max(0, inode.lookups - count)
+                self._maybe_drop(inode)
+
+    async def getattr(self, inode: int) -> Attributes:
+        node = self._inode(inode)
+        if node.parent is not None and node.parent.stale(self.options.cache_timeout):
+            directory = await self._fresh(node.parent)
+            if node.name not in directory.pending:
+                self._child(directory, node.name)  # picks up a new version written elsewhere
+        return await self._attributes(node)
+
+    async def setattr(self, inode: int, changes: AttrChanges, fh: int | None) -> Attributes:
+        node = self._inode(inode)
+        self._check_writable(node.parent)
+        if node.number == ROOT_INODE and changes.size is None:
+            return await self._attributes(node)  # the root has no entry to keep attributes in
+        fields = self._fields(node)
+        now = time.time_ns()
+        if changes.size is not None:
+            if node.kind != FILE:
+                raise FsError(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
+            local = await self._materialize(node, truncate=changes.size == 0)
+            local.truncate(changes.size)
+            fields.mtime_ns = now
+            if local.writers == 0:
+                self._queue_upload(local)
+        if changes.mode is not None:
+            fields.mode = changes.mode & 0o7777
+        if changes.uid is not None:
+            fields.uid = changes.uid
+        if changes.gid is not None:
+            fields.gid = changes.gid
+        if changes.mtime_now:
+            fields.mtime_ns = now
+        elif changes.mtime_ns is not None:
+            fields.mtime_ns = changes.mtime_ns
+        fields.ctime_ns = now
+        self._set_fields(node, fields)
+        self._touch(node)
+        return await self._attributes(node)
+
+    async def readlink(self, inode: int) -> str:
+        node = self._inode(inode)
+        if node.kind != SYMLINK:
+            raise FsError(errno.EINVAL)
+        if node.local is not None:
+            return node.local.pread(0, node.local.size).decode("utf-8", "surrogateescape")
+        parts: list[bytes] = []
+        try:
+            await self._content(node.cap, parts.append)
+        except LafsError as exc:
+            raise FsError(errno.EIO, f"cannot read the link: {exc}") from None
+        return b"".join(parts).decode("utf-8", "surrogateescape")
+
+    # --- operations: names --------------------------------------------------------------------------------
+    async def _new_entry_checks(self, parent: int, name: str) -> Directory:
+        self._check_name(name)
+        directory = await self._fresh(self._dir_of(parent))
+        self._check_writable(directory)
+        if directory.has(name):
+            raise FsError(errno.EEXIST)
+        return directory
+
+    def _new_fields(self, caller: Caller, mode: int) -> PosixFields:
+        now = time.time_ns()
+        return PosixFields(mode & 0o7777 & ~caller.umask, caller.uid, caller.gid, now, now)
+
+    async def mkdir(self, parent: int, name: str, mode: int, caller: Caller) -> Attributes:
+        directory = await self._new_entry_checks(parent, name)
+        try:
+            cap = await create_directory(self.grid)
+        except LafsError as exc:
+            raise FsError(errno.EIO, f"cannot create the directory: {exc}") from None
+        if directory.has(name):  # created meanwhile by a concurrent call
+            raise FsError(errno.EEXIST)
+        inode = self._new_inode(DIRECTORY, cap, {})
+        assert inode.directory is not None
+        inode.directory.listing, inode.directory.fetched_at = {}, time.monotonic()
+        self._set_fields(inode, self._new_fields(caller, mode))
+        self._set_pending(directory, name, inode)
+        inode.lookups += 1
+        return await self._attributes(inode)
+
+    async def symlink(self, parent: int, name: str, target: str, caller: Caller) -> Attributes:
+        directory = await self._new_entry_checks(parent, name)
+        data = target.encode("utf-8", "surrogateescape")
+        inode = self._new_inode(SYMLINK, None, {})
+        fields = self._new_fields(caller, 0o777)
+        fields.mode, fields.symlink = 0o777, True
+        self._set_fields(inode, fields)
+        if len(data) <= LIT_THRESHOLD:
+            inode.cap = LiteralCap(data)
+        else:
+            local = await self._materialize(inode, truncate=True)
+            local.pwrite(0, data)
+            self._queue_upload(local)
+        self._set_pending(directory, name, inode)
+        inode.lookups += 1
+        return await self._attributes(inode)
+
+    async def unlink(self, parent: int, name: str) -> None:
+        await self._remove(parent, name, directory_wanted=False)
+
+    async def rmdir(self, parent: int, name: str) -> None:
+        await self._remove(parent, name, directory_wanted=True)
+
+    async def _remove(self, parent: int, name: str, directory_wanted: bool) -> None:
+        directory = await self._fresh(self._dir_of(parent))
+        self._check_writable(directory)
+        inode = self._child(directory, name)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        if directory_wanted and inode.kind != DIRECTORY:
+            raise FsError(errno.ENOTDIR)
+        if not directory_wanted and inode.kind == DIRECTORY:
+            raise FsError(errno.EISDIR)
+        if directory_wanted:
+            assert inode.directory is not None
+            child = await self._fresh(inode.directory)
+            if child.names():
+                raise FsError(errno.ENOTEMPTY)
+        self._set_pending(directory, name, REMOVED)
+        self._detach(inode)
+
+    def _is_ancestor(self, inode: Inode, directory: Directory) -> bool:
+        """Whether `inode` is `directory` or contains it (so moving it there would make a loop)."""
+        node = directory.inode
+        while node is not None:
+            if node is inode:
+                return True
+            node = node.parent.inode if node.parent is not None else None
+        return False
+
+    async def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int) -> None:
+        if flags & RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        self._check_name(name_new)
+        source_dir = await self._fresh(self._dir_of(parent_old))
+        target_dir = await self._fresh(self._dir_of(parent_new))
+        self._check_writable(source_dir)
+        self._check_writable(target_dir)
+        inode = self._child(source_dir, name_old)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        if source_dir is target_dir and name_old == name_new:
+            return
+        if inode.kind == DIRECTORY and self._is_ancestor(inode, target_dir):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        replaced = self._child(target_dir, name_new)
+        if replaced is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if replaced.kind == DIRECTORY and inode.kind != DIRECTORY:
+                raise FsError(errno.EISDIR)
+            if replaced.kind != DIRECTORY and inode.kind == DIRECTORY:
+                raise FsError(errno.ENOTDIR)
+            if replaced.kind == DIRECTORY:
+                assert replaced.directory is not None
+                if (await self._fresh(replaced.directory)).names():
+                    raise FsError(errno.ENOTEMPTY)
+            self._detach(replaced)
+        # The new name first: a crash between the two journal records leaves two names, never none.
+        if source_dir.inodes.get(name_old) is inode:
+            del source_dir.inodes[name_old]
+        self._set_pending(target_dir, name_new, inode)
+        self._set_pending(source_dir, name_old, REMOVED)
+
+    async def link(self, inode: int, new_parent: int, new_name: str) -> Attributes:
+        node = self._inode(inode)
+        if node.kind == DIRECTORY:
+            raise FsError(errno.EPERM, "directories cannot be hard-linked")
+        directory = await self._new_entry_checks(new_parent, new_name)
+        twin = self._new_inode(node.kind, node.cap, dict(node.metadata))
+        if node.local is not None:
+            twin.local = node.local  # the same content: both entries get the cap its upload makes
+            self.local_owners.setdefault(node.local.id, set()).add(twin)
+        self._set_pending(directory, new_name, twin)
+        twin.lookups += 1
+        return await self._attributes(twin)
+
+    # --- operations: files --------------------------------------------------------------------------------
+    def _new_handle(self, inode: Inode, writable: bool, names: list[str] | None = None) -> int:
+        fh = self._next_handle
+        self._next_handle += 1
+        self.handles[fh] = _Handle(inode, writable, names)
+        inode.opens += 1
+        return fh
+
+    def _handle(self, fh: int) -> _Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        return handle
+
+    async def open(self, inode: int, flags: int) -> int:
+        node = self._inode(inode)
+        if node.kind == DIRECTORY:
+            raise FsError(errno.EISDIR)
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        if writable:
+            self._check_writable(node.parent)
+            if not self._replaceable(node.cap):
+                raise FsError(errno.EACCES, "the file is read-only")
+            local = await self._materialize(node, truncate=bool(flags & os.O_TRUNC))
+            local.writers += 1
+            if flags & os.O_TRUNC:
+                self._mark_written(node)
+        elif isinstance(node.cap, MutableWriteCap | MutableReadCap):
+            await self._materialize(node)
+        return self._new_handle(node, writable)
+
+    def _mark_written(self, inode: Inode) -> None:
+        fields = self._fields(inode)
+        fields.mtime_ns = fields.ctime_ns = time.time_ns()
+        self._set_fields(inode, fields)
+        if inode.parent is None or inode.parent.pending.get(inode.name) is not inode or inode.ready:
+            self._touch(inode)
+
+    async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[int, Attributes]:
+        directory = await self._new_entry_checks(parent, name)
+        inode = self._new_inode(FILE, None, {})
+        self._set_fields(inode, self._new_fields(caller, mode))
+        local = await self._materialize(inode, truncate=True)
+        local.writers += 1
+        self._set_pending(directory, name, inode)
+        fh = self._new_handle(inode, True)
+        inode.lookups += 1
+        return fh, await self._attributes(inode)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        inode = self._handle(fh).inode
+        if inode.local is not None:
+            return inode.local.pread(offset, size)
+        cap = inode.cap
+        if isinstance(cap, LiteralCap):
+            return cap.data[offset : offset + size]
+        if isinstance(cap, ChkCap):
+            try:
+                return await self.read_cache.read(cap, offset, size)
+            except LafsError as exc:
+                log.warning("read failed: %s", exc)
+                raise FsError(errno.EIO, str(exc)) from None
+        return b""
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        if not handle.writable:
+            raise FsError(errno.EBADF)
+        inode = handle.inode
+        assert inode.local is not None
+        was_dirty = inode.local.dirty
+        written = inode.local.pwrite(offset, data)
+        if not was_dirty or inode.parent is None or inode.parent.pending.get(inode.name) is not inode:
+            self._mark_written(inode)
+        else:
+            fields = self._fields(inode)
+            fields.mtime_ns = fields.ctime_ns = time.time_ns()
+            self._set_fields(inode, fields)
+        return written
+
+    async def flush(self, fh: int) -> None:
+        self._handle(fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._sync_inode(self._handle(fh).inode)
+
+    async def _sync_inode(self, inode: Inode) -> None:
+        """Return once the inode's content and its entry (and its directories' entries) are on the grid."""
+        if inode.local is not None and inode.local.dirty:
+            await self._upload(inode.local)
+            if inode.local is not None and inode.local.dirty:
+                raise FsError(errno.EIO, f"upload failed: {inode.failure or 'the file changed during fsync'}")
+        self.journal.sync()
+        node: Inode | None = inode
+        while node is not None and node.parent is not None:
+            directory = node.parent
+            while directory.pending.get(node.name) is node:
+                waiter = directory.round_done
+                self._want_publish(directory, urgent=True)
+                await waiter.wait()
+                if directory.failure is not None and directory.pending.get(node.name) is node:
+                    raise FsError(errno.EIO, f"directory update failed: {directory.failure}")
+            node = directory.inode
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        inode = handle.inode
+        inode.opens -= 1
+        if handle.writable and inode.local is not None:
+            inode.local.writers -= 1
+            if inode.local.writers == 0 and inode.local.dirty:
+                self._queue_upload(inode.local)
+        self._maybe_drop(inode)
+
+    # --- operations: directories --------------------------------------------------------------------------
+    async def opendir(self, inode: int) -> int:
+        directory = await self._fresh(self._dir_of(inode))
+        return self._new_handle(self._inode(inode), False, directory.names())
+
+    async def readdir(self, fh: int, offset: int) -> list[DirectoryEntry]:
+        handle = self._handle(fh)
+        directory = handle.inode.directory
+        if directory is None or handle.names is None:
+            raise FsError(errno.ENOTDIR)
+        entries = []
+        for index in range(offset, min(offset + READDIR_BATCH, len(handle.names))):
+            name = handle.names[index]
+            inode = self._child(directory, name)
+            if inode is None:
+                continue  # removed since opendir
+            entries.append(DirectoryEntry(name, await self._attributes(inode), index + 1))
+            inode.lookups += 1
+        return entries
+
+    async def releasedir(self, fh: int) -> None:
+        await self.release(fh)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        handle = self._handle(fh)
+        directory = handle.inode.directory
+        if directory is None:
+            raise FsError(errno.ENOTDIR)
+        self.journal.sync()
+        for name, item in list(directory.pending.items()):
+            if item is not None:
+                await self._sync_inode(item)
+            else:
+                while directory.pending.get(name, 0) is REMOVED:
+                    waiter = directory.round_done
+                    self._want_publish(directory, urgent=True)
+                    await waiter.wait()
+                    if directory.failure is not None:
+                        raise FsError(errno.EIO, f"directory update failed: {directory.failure}")
+
+    async def statfs(self) -> FsStats:
+        async def ask(server) -> int:
+            return (await server.get_version()).available_space
+
+        results = await gather_per_server(self.grid.servers, ask, timeout=10)
+        raw = sum(r for r in results.values() if isinstance(r, int))
+        encoding = self.grid.encoding
+        usable = raw * encoding.needed // max(encoding.total, 1)
+        blocks = usable // BLOCK
+        return FsStats(BLOCK, blocks, blocks, blocks, 1 << 20, 1 << 20, NAME_MAX)
+
+    # --- operations: extended attributes ------------------------------------------------------------------
+    async def getxattr(self, inode: int, name: str) -> bytes:
+        node = self._inode(inode)
+        if name in (CAP_XATTR, READCAP_XATTR):
+            if node.cap is None or (node.local is not None and node.local.dirty):
+                raise FsError(errno.ENODATA, "the file is not on the grid yet")
+            cap = node.cap if name == CAP_XATTR else node.cap.readonly()
+            return cap.to_string().encode("ascii")
+        value = self._fields(node).xattrs.get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    async def setxattr(self, inode: int, name: str, value: bytes, flags: int) -> None:
+        node = self._inode(inode)
+        if name in (CAP_XATTR, READCAP_XATTR):
+            raise FsError(errno.EPERM, "caps are read-only attributes")
+        if not name.startswith("user."):
+            raise FsError(errno.ENOTSUP)
+        self._check_writable(node.parent)
+        if node.parent is None:
+            raise FsError(errno.ENOTSUP, "the root has no entry to keep attributes in")
+        fields = self._fields(node)
+        if flags & XATTR_CREATE and name in fields.xattrs:
+            raise FsError(errno.EEXIST)
+        if flags & XATTR_REPLACE and name not in fields.xattrs:
+            raise FsError(errno.ENODATA)
+        fields.xattrs[name] = value
+        fields.ctime_ns = time.time_ns()
+        self._set_fields(node, fields)
+        self._touch(node)
+
+    async def listxattr(self, inode: int) -> list[str]:
+        node = self._inode(inode)
+        names = sorted(self._fields(node).xattrs)
+        if node.cap is not None and (node.local is None or not node.local.dirty):
+            names = [CAP_XATTR, READCAP_XATTR, *names]
+        return names
+
+    async def removexattr(self, inode: int, name: str) -> None:
+        node = self._inode(inode)
+        if name in (CAP_XATTR, READCAP_XATTR):
+            raise FsError(errno.EPERM, "caps are read-only attributes")
+        self._check_writable(node.parent)
+        fields = self._fields(node)
+        if name not in fields.xattrs:
+            raise FsError(errno.ENODATA)
+        del fields.xattrs[name]
+        self._set_fields(node, fields)
+        self._touch(node)
+
+
+def state_directory(node: NodeDirectory) -> Path:
+    """`NODEDIR/private/blackmatch`: the journal, local files and the read cache (0700)."""
+    path = node.private / "blackmatch"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+@asynccontextmanager
+async def open_filesystem(
+    node: NodeDirectory, root_cap: str, options: FilesystemOptions
+) -> AsyncIterator[GridFilesystem]:
+    """The filesystem over the node's grid, rooted at `root_cap`; on exit it drains the write-back queue."""
+    try:
+        root = parse_cap(root_cap, allow_prefixes=True)
+    except LafsError as exc:
+        raise DirectoryError(f"the root is not a valid cap: {exc}") from None
+    if not isinstance(root, DirectoryCap):
+        raise DirectoryError("the root cap is not a directory")
+    grid = open_grid(node)
+    if not grid.servers:
+        raise LafsError(f"{node.path} configures no storage servers blackmatch can use")
+    state = state_directory(node)
+    try:
+        async with ReadCache(state / "cache", grid, options.cache_size) as cache, trio.open_nursery() as nursery:
+            filesystem = GridFilesystem(grid, root, options, state, nursery, cache)
+            await filesystem.start()
+            try:
+                yield filesystem
+                await filesystem.drain()
+            finally:
+                nursery.cancel_scope.cancel()
+                filesystem.close()
+    finally:
+        await grid.aclose()
+

@@ -1,0 +1,87 @@
+"""The server's picture of the tree: inodes, and directories with their grid listing and pending changes.
+
+A directory's view is its listing as last read from the grid, overlaid by `pending`: names whose change (a new or
+rewritten entry, or a removal) is not on the grid yet. Pending changes are published in batches, one directory
+update for many names; the listing is re-read when older than the cache timeout, so changes made elsewhere show.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from lafs_core.caps import Cap, DirectoryCap
+from lafs_core.dirnode import DirEntry
+
+from .local_files import LocalFile
+
+DIRECTORY, FILE, SYMLINK = "dir", "file", "symlink"
+
+
+@dataclass(eq=False)
+class Inode:
+    """A file, directory or symlink as the kernel knows it, linked at (parent, name) or detached."""
+
+    number: int
+    kind: str
+    cap: Cap | None  # on the grid (for a file being written: the version it started from)
+    metadata: dict[str, Any]
+    parent: Directory | None = None
+    name: str = ""
+    local: LocalFile | None = None
+    lookups: int = 0
+    opens: int = 0
+    seq: int = 0  # journal sequence of this inode's last pending change
+    directory: Directory | None = None  # for directories: their state
+    failure: str | None = None  # why the last upload of this inode failed
+
+    @property
+    def ready(self) -> bool:
+        """Whether the entry can be published: its content is on the grid."""
+        return self.cap is not None and (self.local is None or not self.local.dirty)
+
+
+REMOVED = None  # a pending removal
+
+
+@dataclass(eq=False)
+class Directory:
+    cap: DirectoryCap
+    listing: dict[str, DirEntry] | None = None
+    fetched_at: float = 0.0
+    pending: dict[str, Inode | None] = field(default_factory=dict)
+    pending_seq: dict[str, int] = field(default_factory=dict)  # journal sequence of each pending change
+    inodes: dict[str, Inode] = field(default_factory=dict)  # live inodes linked here, by name
+    inode: Inode | None = None  # this directory's own inode, when known
+    refresh_lock: trio.Lock = field(default_factory=trio.Lock)
+    publish_wanted: trio.Event = field(default_factory=trio.Event)
+    round_done: trio.Event = field(default_factory=trio.Event)
+    publisher_running: bool = False
+    urgent: bool = False
+    failure: str | None = None
+
+    def stale(self, timeout: float) -> bool:
+        return self.listing is None or time.monotonic() - self.fetched_at > timeout
+
+    def names(self) -> list[str]:
+        """Every name in the view, sorted."""
+        assert self.listing is not None
+        names = set(self.listing)
+        for name, item in self.pending.items():
+            if item is REMOVED:
+                names.discard(name)
+            else:
+                names.add(name)
+        return sorted(names)
+
+    def has(self, name: str) -> bool:
+        if name in self.pending:
+            return self.pending[name] is not REMOVED
+        return self.listing is not None and name in self.listing
+
+    def request_publish(self, urgent: bool = False) -> None:
+        self.urgent = self.urgent or urgent
+        self.publish_wanted.set()

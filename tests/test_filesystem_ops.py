@@ -1,0 +1,217 @@
+"""GridFilesystem driven through the operations interface, without FUSE, over a node's embedded local grid.
+
+These check the semantics the mount relies on: entries appear at once and reach the grid in batches, fsync waits
+for the grid, renames and removals, attributes kept in metadata, xattrs with caps, and the write-back journal
+resuming what a killed process left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
+from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
+from lafs_core.caps import parse_cap
+from lafs_core.grid.directory import create_directory, read_directory
+from lafs_core.grid.download import read_immutable
+from lafs_core.grid.nodedir import EncodingConfig, NodeDirectory, create_node_directory
+from lafs_core.grid.servers import open_grid
+
+CALLER = Caller(os.getuid(), os.getgid(), 0o022)
+OPTIONS = FilesystemOptions(cache_timeout=0.5, cache_size=64 << 20)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> tuple[NodeDirectory, str]:
+    node = create_node_directory(tmp_path / "node", encoding=EncodingConfig(3, 5, 10), local_grid=5)
+
+    async def make_root() -> str:
+        grid = open_grid(node)
+        try:
+            return str(await create_directory(grid))
+        finally:
+            await grid.aclose()
+
+    return node, trio.run(make_root)
+
+
+def run(node: tuple[NodeDirectory, str], body: Callable[[GridFilesystem], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with open_filesystem(node[0], node[1], OPTIONS) as fs:
+            await body(fs)
+
+    trio.run(main)
+
+
+async def grid_listing(fs: GridFilesystem, cap: str) -> dict:
+    return await read_directory(fs.grid, parse_cap(cap))  # type: ignore[arg-type]
+
+
+async def write_file(fs: GridFilesystem, parent: int, name: str, data: bytes, sync: bool = True) -> int:
+    fh, attributes = await fs.create(parent, name, 0o644, os.O_WRONLY | os.O_CREAT, CALLER)
+    for offset in range(0, len(data), 128 * 1024):
+        await fs.write(fh, offset, data[offset : offset + 128 * 1024])
+    if sync:
+        await fs.fsync(fh, False)
+    await fs.release(fh)
+    return attributes.inode
+
+
+async def read_file(fs: GridFilesystem, inode: int) -> bytes:
+    fh = await fs.open(inode, os.O_RDONLY)
+    size = (await fs.getattr(inode)).size
+    data = await fs.read(fh, 0, size + 10)
+    await fs.release(fh)
+    return data
+
+
+def test_create_write_fsync_reaches_the_grid(node):
+    data = os.urandom(3 * 1024 * 1024 + 5)
+
+    async def body(fs: GridFilesystem) -> None:
+        inode = await write_file(fs, ROOT_INODE, "big.bin", data)
+        await write_file(fs, ROOT_INODE, "small.txt", b"hello", sync=True)
+        listing = await grid_listing(fs, node[1])
+        assert set(listing) == {"big.bin", "small.txt"}
+        assert await read_immutable(fs.grid, listing["big.bin"].cap) == data  # type: ignore[arg-type]
+        assert listing["small.txt"].cap.to_string().startswith("URI:LIT:")
+        attributes = await fs.getattr(inode)
+        assert attributes.size == len(data) and stat.S_ISREG(attributes.mode) and attributes.mode & 0o777 == 0o644
+        assert await read_file(fs, inode) == data
+        cap = await fs.getxattr(inode, "user.tahoe.cap")
+        assert cap.decode() == listing["big.bin"].cap.to_string()
+        assert (await fs.getxattr(inode, "user.tahoe.readcap")).startswith(b"URI:CHK:")
+        small = (await fs.lookup(ROOT_INODE, "small.txt")).inode
+        # The kernel forgets them: the local copies go, reads come from the grid.
+        await fs.forget([(inode, 1), (small, 2)])
+        assert inode not in fs.inodes, fs.inodes[inode]
+        assert not any((node[0].private / "blackmatch" / "files").iterdir())
+        again = await fs.lookup(ROOT_INODE, "big.bin")
+        assert again.inode != inode and await read_file(fs, again.inode) == data
+        fh = await fs.open(again.inode, os.O_RDONLY)
+        assert await fs.read(fh, 1_500_000, 100) == data[1_500_000:1_500_100]
+        await fs.release(fh)
+
+    run(node, body)
+
+
+def test_directories_rename_unlink_and_errors(node):
+    async def body(fs: GridFilesystem) -> None:
+        sub = await fs.mkdir(ROOT_INODE, "sub", 0o755, CALLER)
+        assert stat.S_ISDIR(sub.mode)
+        await write_file(fs, sub.inode, "a", b"first", sync=False)
+        await write_file(fs, ROOT_INODE, "b", b"second", sync=False)
+        with pytest.raises(FsError) as caught:
+            await fs.rename(ROOT_INODE, "b", sub.inode, "a", RENAME_NOREPLACE)
+        assert caught.value.errno == errno.EEXIST
+        await fs.rename(ROOT_INODE, "b", sub.inode, "a", 0)
+        with pytest.raises(FsError) as caught:
+            await fs.rmdir(ROOT_INODE, "sub")
+        assert caught.value.errno == errno.ENOTEMPTY
+        with pytest.raises(FsError) as caught:
+            await fs.rename(ROOT_INODE, "sub", sub.inode, "loop", 0)
+        assert caught.value.errno == errno.EINVAL
+        moved = await fs.lookup(sub.inode, "a")
+        assert await read_file(fs, moved.inode) == b"second"
+        with pytest.raises(FsError) as caught:
+            await fs.lookup(ROOT_INODE, "b")
+        assert caught.value.errno == errno.ENOENT
+        assert await fs.drain()
+        root = await grid_listing(fs, node[1])
+        assert set(root) == {"sub"}
+        inner = await grid_listing(fs, root["sub"].cap.to_string())
+        assert set(inner) == {"a"}
+        await fs.unlink(sub.inode, "a")
+        await fs.rmdir(ROOT_INODE, "sub")
+        assert await fs.drain()
+        assert await grid_listing(fs, node[1]) == {}
+
+    run(node, body)
+
+
+def test_attributes_and_xattrs_live_in_metadata(node):
+    async def body(fs: GridFilesystem) -> None:
+        inode = await write_file(fs, ROOT_INODE, "f", b"x" * 100)
+        await fs.setattr(inode, AttrChanges(mode=0o600, mtime_ns=1_500_000_000_123_456_789), None)
+        await fs.setxattr(inode, "user.color", b"blue", 0)
+        link = await fs.symlink(ROOT_INODE, "l", "f" * 80, CALLER)
+        assert await fs.drain()
+        fs.directories[node[1]].listing = None  # forget what we know: read it back from the grid
+        again = await fs.lookup(ROOT_INODE, "f")
+        assert again.mode & 0o777 == 0o600 and again.mtime_ns == 1_500_000_000_123_456_789
+        assert await fs.getxattr(again.inode, "user.color") == b"blue"
+        assert "user.color" in await fs.listxattr(again.inode)
+        with pytest.raises(FsError):
+            await fs.setxattr(again.inode, "user.tahoe.cap", b"URI:LIT:", 0)
+        assert stat.S_ISLNK(link.mode) and await fs.readlink(link.inode) == "f" * 80
+        await fs.setattr(again.inode, AttrChanges(size=10), None)
+        assert (await fs.getattr(again.inode)).size == 10
+
+    run(node, body)
+
+
+def test_readdir_offsets_are_stable(node):
+    async def body(fs: GridFilesystem) -> None:
+        names = [f"file-{i:04d}" for i in range(1200)]
+        for name in names:
+            await write_file(fs, ROOT_INODE, name, name.encode(), sync=False)
+        fh = await fs.opendir(ROOT_INODE)
+        seen, offset = [], 0
+        while entries := await fs.readdir(fh, offset):
+            seen += [e.name for e in entries]
+            offset = entries[-1].next_offset
+        await fs.releasedir(fh)
+        assert seen == names
+        assert await fs.drain()
+        assert len(await grid_listing(fs, node[1])) == 1200
+
+    run(node, body)
+
+
+def test_journal_resumes_what_a_killed_process_left(node):
+    data = os.urandom(500_000)
+
+    async def interrupted() -> None:
+        with trio.CancelScope() as scope:
+            async with open_filesystem(node[0], node[1], OPTIONS) as fs:
+                await write_file(fs, ROOT_INODE, "pending.bin", data, sync=False)
+                # Stop the upload workers and publishers before they run: as if the process were killed now.
+                scope.cancel()
+
+    trio.run(interrupted)
+    assert (node[0].private / "blackmatch" / "journal").stat().st_size > 0
+
+    async def body(fs: GridFilesystem) -> None:
+        assert await fs.drain()
+        listing = await grid_listing(fs, node[1])
+        assert await read_immutable(fs.grid, listing["pending.bin"].cap) == data  # type: ignore[arg-type]
+
+    run(node, body)
+
+
+def test_rewriting_immutable_files(node):
+    async def body(fs: GridFilesystem) -> None:
+        inode = await write_file(fs, ROOT_INODE, "f", b"hello\n")
+        attributes = await fs.getattr(inode)
+        assert attributes.mode & 0o200
+        fh = await fs.open(inode, os.O_WRONLY | os.O_APPEND)
+        await fs.write(fh, attributes.size, b"more\n")
+        await fs.release(fh)
+        assert await read_file(fs, inode) == b"hello\nmore\n"
+        fh = await fs.open(inode, os.O_RDWR)
+        await fs.write(fh, 2, b"XY")
+        await fs.fsync(fh, False)
+        await fs.release(fh)
+        listing = await grid_listing(fs, node[1])
+        assert await read_immutable(fs.grid, listing["f"].cap) == b"heXYo\nmore\n"  # type: ignore[arg-type]
+        await fs.setattr(inode, AttrChanges(size=3), None)
+        assert await read_file(fs, inode) == b"heX"
+
+    run(node, body)

@@ -1,0 +1,246 @@
+"""`blackmatch mount` and `blackmatch unmount` as a user meets them: usage and input errors, and real mounts.
+
+The mount tests run the real command line (it daemonizes) over a fresh node directory with an embedded grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fuse_client.mount_commands import (
+    canonical_mountpoint,
+    find_mount,
+    fuse_options,
+    is_blackmatch,
+    mount_key,
+    parse_size,
+    process_alive,
+)
+
+from .mounting import ROOT, Mount, blackmatch, kill_mount, lazy_unmount, read_pid, requires_fuse, wait_until_gone
+from .shared_data import sample_caps
+
+HAVE_FILESYSTEM = (ROOT / "grid_server" / "filesystem.py").exists()
+requires_filesystem = pytest.mark.skipif(not HAVE_FILESYSTEM, reason="grid_server/filesystem.py is not written yet")
+
+
+def one_line_error(result: subprocess.CompletedProcess, status: int = 1) -> str:
+    assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("blackmatch: error: ")
+    return lines[0]
+
+
+# --- usage and input errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["mount"],
+        ["mount", "/tmp", "--bogus"],
+        ["mount", "/tmp", "--alias", "a", "--root-cap", "URI:DIR2:x:y"],
+        ["mount", "/tmp", "--cache-size", "lots"],
+        ["mount", "/tmp", "--cache-timeout", "-1"],
+        ["unmount"],
+        ["unmount", "/tmp", "--timeout", "soon"],
+    ],
+)
+def test_usage_errors(args):
+    result = blackmatch(*args)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mountpoint_must_exist(tmp_path):
+    line = one_line_error(blackmatch("mount", str(tmp_path / "missing"), "-d", str(tmp_path / "node")))
+    assert "does not exist" in line
+    assert not (tmp_path / "node").exists()  # nothing is created for a mount that cannot happen
+
+
+def test_mountpoint_must_be_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    line = one_line_error(blackmatch("mount", str(tmp_path / "file"), "-d", str(tmp_path / "node")))
+    assert "not a directory" in line
+
+
+def test_mountpoint_must_not_be_mounted(tmp_path):
+    line = one_line_error(blackmatch("mount", "/proc", "-d", str(tmp_path / "node")))
+    assert "already mounted" in line
+    assert not (tmp_path / "node").exists()
+
+
+@pytest.mark.parametrize(("cap", "message"), [("garbage", "not a recognised Tahoe cap"), ("file", "not a directory")])
+def test_root_cap_must_be_a_directory(tmp_path, cap, message):
+    if cap == "file":
+        cap = sample_caps()["chk-1k"]
+    (tmp_path / "m").mkdir()
+    line = one_line_error(blackmatch("mount", str(tmp_path / "m"), "-d", str(tmp_path / "node"), "--root-cap", cap))
+    assert message in line
+    assert cap not in line or cap == "garbage"  # a cap is a secret: never echoed whole
+    assert not (tmp_path / "node").exists()
+
+
+def test_unknown_alias(tmp_path):
+    (tmp_path / "m").mkdir()
+    node = tmp_path / "node"
+    assert blackmatch("create-node", str(node)).returncode == 0
+    line = one_line_error(blackmatch("mount", str(tmp_path / "m"), "-d", str(node), "--alias", "nope"))
+    assert "no alias nope:" in line
+
+
+def test_unmount_what_is_not_mounted(tmp_path):
+    line = one_line_error(blackmatch("unmount", str(tmp_path), "-d", str(tmp_path / "node")))
+    assert "not mounted" in line
+
+
+# --- pieces ----------------------------------------------------------------------------------------------------
+def test_parse_size():
+    assert parse_size("4096") == 4096
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1k") == 1024
+
+
+def test_mount_key_names_the_whole_path():
+    a, b = mount_key(Path("/mnt/a b")), mount_key(Path("/mnt/a_b"))
+    assert a != b and a.startswith("mnt_a_b-") and "/" not in a
+
+
+def test_mount_table_is_read_without_touching_mounts():
+    proc = find_mount(Path("/proc"))
+    assert proc is not None and proc.fstype == "proc" and not is_blackmatch(proc)
+    assert canonical_mountpoint(Path("/proc/../proc")) == Path("/proc")
+
+
+def test_fuse_options():
+    options = fuse_options(["allow_other,noatime", "debug"], read_only=True)
+    assert {"fsname=blackmatch", "subtype=blackmatch", "default_permissions", "ro"} <= options
+    assert {"allow_other", "noatime", "debug"} <= options
+    assert "allow_other" not in fuse_options([], read_only=False)
+
+
+# --- real mounts -----------------------------------------------------------------------------------------------
+@requires_fuse
+@requires_filesystem
+def test_mount_write_unmount_remount(tmp_path):
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    data = os.urandom(300_000)
+    with Mount(node, mountpoint) as mount:
+        assert (node / "private" / "aliases").exists()  # a fresh node directory, made by mount
+        assert mount.pid is not None and process_alive(mount.pid) and mount.pid != os.getpid()
+        assert "log" in mount.mount_result.stdout and str(mount.log_file) in mount.mount_result.stdout
+        (mountpoint / "hello.txt").write_text("hello, grid\n")
+        (mountpoint / "sub").mkdir()
+        (mountpoint / "sub" / "data.bin").write_bytes(data)
+        assert (mountpoint / "hello.txt").read_text() == "hello, grid\n"
+        assert sorted(os.listdir(mountpoint)) == ["hello.txt", "sub"]
+        find = find_mount(mount.mountpoint)
+        assert find is not None and is_blackmatch(find)
+    assert find_mount(mount.mountpoint) is None
+    assert not mount.pid_file.exists()
+    assert os.listdir(mountpoint) == []  # the bare directory again
+    assert "mounted" in mount.log()
+
+    with Mount(node, mountpoint):
+        assert (mountpoint / "hello.txt").read_text() == "hello, grid\n"
+        assert (mountpoint / "sub" / "data.bin").read_bytes() == data
+
+
+@requires_fuse
+@requires_filesystem
+def test_mount_refuses_a_mounted_mountpoint_and_split_falls_back(tmp_path):
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint, split=True) as mount:
+        assert "not available yet" in mount.mount_result.stderr  # the one note about split mode
+        line = one_line_error(blackmatch("mount", str(mountpoint), "-d", str(node), "--no-split"))
+        assert "already mounted" in line
+
+
+@requires_fuse
+@requires_filesystem
+def test_foreground_mount_stops_on_sigterm_and_keeps_what_was_written(tmp_path):
+    """SIGTERM unmounts and the process exits 0 after uploading, even with a file still open for writing
+    (the kernel never sends that file's RELEASE: the shim releases it when the session ends)."""
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    mountpoint.mkdir()
+    assert blackmatch("create-node", str(node)).returncode == 0
+    command = ["mount", str(mountpoint), "-d", str(node), "--no-split", "--foreground"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fuse_client.cli", *command],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    held = None
+    try:
+        deadline = time.monotonic() + 60
+        while find_mount(canonical_mountpoint(mountpoint)) is None:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "not mounted after 60 s"
+            time.sleep(0.05)
+        (mountpoint / "closed.txt").write_text("closed before SIGTERM")
+        held = open(mountpoint / "open.txt", "w")  # noqa: SIM115 - held open across the unmount on purpose
+        held.write("still open at SIGTERM")
+        held.flush()
+        process.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"still serving 120 s after SIGTERM; its log:\n{stderr[-4000:]}") from None
+        assert process.returncode == 0, stderr
+        assert "Mounted tahoe: on" in stdout
+        assert find_mount(canonical_mountpoint(mountpoint)) is None
+    finally:
+        if held is not None:
+            with contextlib.suppress(OSError):
+                held.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        lazy_unmount(canonical_mountpoint(mountpoint))
+    with Mount(node, mountpoint):
+        assert (mountpoint / "closed.txt").read_text() == "closed before SIGTERM"
+        assert (mountpoint / "open.txt").read_text() == "still open at SIGTERM"
+
+
+@requires_fuse
+@requires_filesystem
+def test_dead_mount_is_reported_and_unmount_clears_it(tmp_path):
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint) as mount:
+        pid = mount.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until_gone(pid)
+        mount.killed = True
+        assert find_mount(mount.mountpoint) is not None  # the kernel still lists the dead mount
+        line = one_line_error(blackmatch("mount", str(mountpoint), "-d", str(node), "--no-split"))
+        assert "no blackmatch process serves it" in line and "blackmatch unmount" in line
+        result = blackmatch("unmount", str(mountpoint), "-d", str(node))
+        assert result.returncode == 0, result.stderr
+        assert find_mount(mount.mountpoint) is None
+        assert read_pid(mount.pid_file) == pid  # stale: the next mount takes it over
+    with Mount(node, mountpoint) as again:
+        assert again.pid != pid and read_pid(again.pid_file) == again.pid
+
+
+@requires_fuse
+@requires_filesystem
+def test_kill_mount_helper(tmp_path):
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint) as mount:
+        kill_mount(mount)
+        assert find_mount(mount.mountpoint) is None
+        assert mount.pid is not None and not process_alive(mount.pid)
