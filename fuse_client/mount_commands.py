@@ -39,6 +39,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyfuse3
 import trio
 
 from grid_server.operations import Operations
@@ -48,6 +49,7 @@ from lafs_core.grid.nodedir import NodeDirectory
 
 from .grid_commands import create_node
 from .node_options import DEFAULT_NODE_DIRECTORY, add_node_directory_option
+from .shim import FuseShim
 
 log = logging.getLogger("blackmatch.mount")
 
@@ -412,13 +414,20 @@ def root_of(node: NodeDirectory, args: argparse.Namespace) -> tuple[str, str]:
 def fuse_options(extra: list[str], read_only: bool) -> set[str]:
     """The mount options: the kernel checks permissions against the modes the server reports
     (default_permissions); set-user-id bits and device files from a shared grid mean nothing here (nosuid, nodev);
-    a read-only root mounts read-only. Options from -o come last, so they can override."""
-    options = [f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions", "nosuid", "nodev"]
+    a read-only root mounts read-only. Options from -o are added, and `suid`, `dev` or `rw` there drop the
+    default they contradict (libfuse gets the options as a set, in no order)."""
+    options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions", "nosuid", "nodev"}
     if read_only:
-        options.append("ro")
+        options.add("ro")
     for option in extra:
-        options.extend(item.strip() for item in option.split(",") if item.strip())
-    return set(options)
+        for item in (item.strip() for item in option.split(",")):
+            if item:
+                options.discard(_CONTRADICTS.get(item, ""))
+                options.add(item)
+    return options
+
+
+_CONTRADICTS = {"suid": "nosuid", "dev": "nodev", "rw": "ro", "nosuid": "suid", "nodev": "dev", "ro": "rw"}
 
 
 @dataclass(frozen=True)
@@ -594,10 +603,6 @@ def run_server(plan: MountPlan, ready: Callable[[], None]) -> int:
 
 
 async def _serve(plan: MountPlan, ready: Callable[[], None]) -> int:
-    import pyfuse3
-
-    from .shim import FuseShim
-
     phase = "opening"
     life = trio.CancelScope()
 

@@ -510,7 +510,9 @@ class GridFilesystem:
                     cap: Cap = mutable
                 else:
                     cap = await upload_immutable(self.grid, size, file_chunks(local.path))
-            except LafsError as exc:
+            except Exception as exc:  # a background upload must never take the mount down
+                if local.version != version:
+                    return  # changed under the upload (written or truncated): the next close uploads it again
                 for owner in owners:
                     owner.failure = str(exc)
                 log.warning("upload failed, will retry: %s", exc)
@@ -898,13 +900,16 @@ class GridFilesystem:
         directory = handle.inode.directory
         if directory is None or handle.names is None:
             raise FsError(errno.ENOTDIR)
-        entries = []
-        for index in range(offset, min(offset + READDIR_BATCH, len(handle.names))):
+        entries: list[DirectoryEntry] = []
+        index = offset
+        # An empty answer means the end: names removed since opendir are skipped without shortening the batch.
+        while index < len(handle.names) and len(entries) < READDIR_BATCH:
             name = handle.names[index]
+            index += 1
             inode = self._child(directory, name)
             if inode is None:
-                continue  # removed since opendir
-            entries.append(DirectoryEntry(name, await self._attributes(inode), index + 1))
+                continue
+            entries.append(DirectoryEntry(name, await self._attributes(inode), index))
             inode.lookups += 1
         return entries
 
@@ -1026,4 +1031,3 @@ async def open_filesystem(
                 filesystem.close()
     finally:
         await grid.aclose()
-

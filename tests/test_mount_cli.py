@@ -126,6 +126,7 @@ def test_fuse_options():
     assert {"fsname=blackmatch", "subtype=blackmatch", "default_permissions", "ro"} <= options
     assert {"allow_other", "noatime", "debug"} <= options
     assert "allow_other" not in fuse_options([], read_only=False)
+    assert "nosuid" not in fuse_options(["suid"], read_only=False)
 
 
 # --- real mounts -----------------------------------------------------------------------------------------------

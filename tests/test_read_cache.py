@@ -581,6 +581,19 @@ def test_unrecoverable_file_is_an_error_and_recovers_later(file10, tmp_path):
         async with ReadCache(tmp_path / "cache", grid, BIG) as cache:
             with pytest.raises(NotEnoughSharesError):
                 await cache.read(cap, 0, 10)
+            failures = []
+
+            async def one(i):  # concurrent readers of one segment: each fails (none waits forever)
+                try:
+                    await cache.read(cap, i * 100, 50)
+                except NotEnoughSharesError as exc:
+                    failures.append(exc)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for i in range(5):
+                        nursery.start_soon(one, i)
+            assert len(failures) == 5
             shutil.move(stash, tmp_path / "grid")
             assert await cache.read(cap, 0, 10) == data[:10]  # shares are looked for again
 
