@@ -42,6 +42,41 @@ def each_segment(size: int, segsize: int, work: Callable[[int], object]) -> Call
     return loop
 
 
+def chk_encode(data: bytes, params: ChkParameters, keep: Callable[[ShareWrite], None]) -> ChkCap:
+    """Convergent key, then the encoder fed 1 MiB at a time, as an upload does; `keep` consumes every write."""
+    view = memoryview(data)
+    key = convergent_key([data], b"bench", params)
+    enc = ChkEncoder(key, params)
+    for start in range(0, len(data), 1 << 20):
+        for write in enc.write(view[start : start + (1 << 20)]):
+            keep(write)
+    for write in enc.finish():
+        keep(write)
+    assert enc.cap is not None
+    return enc.cap
+
+
+def first_shares(data: bytes, params: ChkParameters) -> tuple[ChkCap, dict[int, bytes]]:
+    """The cap and shares 0..k-1 of `data`, held in memory for `chk_decode`."""
+    shares = [bytearray() for _ in range(params.needed)]
+
+    def keep(write: ShareWrite) -> None:
+        for share, piece in zip(shares, write.data[: params.needed], strict=True):
+            assert len(share) == write.offset
+            share += piece
+
+    cap = chk_encode(data, params, keep)
+    return cap, {s: bytes(share) for s, share in enumerate(shares)}
+
+
+def chk_decode(cap: ChkCap, params: ChkParameters, shares: dict[int, bytes]) -> None:
+    """Verified read of every segment from the shares given (decoded plaintext dropped)."""
+    readers = {s: (lambda d: lambda off, length: d[off : off + length])(data) for s, data in shares.items()}
+    reader = ChkReader(cap, shares)
+    for segnum in range(params.num_segments):
+        drive(reader.segment(segnum), readers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256)
@@ -71,36 +106,9 @@ def main() -> None:
     primitive_decode = t_aes + t_sha * 2
 
     # --- blackmatch --------------------------------------------------------------------------------------
-    def encode(keep: Callable[[ShareWrite], None]) -> ChkCap:
-        key = convergent_key([data], b"bench", params)
-        enc = ChkEncoder(key, params)
-        for start in range(0, size, 1 << 20):
-            for write in enc.write(view[start : start + (1 << 20)]):
-                keep(write)
-        for write in enc.finish():
-            keep(write)
-        assert enc.cap is not None
-        return enc.cap
-
-    t_encode = timed(lambda: encode(lambda write: None))
-
-    # Untimed: keep the first k shares for the decode run.
-    shares = [bytearray() for _ in range(k)]
-
-    def keep(write: ShareWrite) -> None:
-        for share, piece in zip(shares, write.data[:k], strict=True):
-            assert len(share) == write.offset
-            share += piece
-
-    cap = encode(keep)
-    readers = {s: (lambda d: lambda off, length: d[off : off + length])(bytes(shares[s])) for s in range(k)}
-
-    def decode() -> None:
-        reader = ChkReader(cap, range(k))
-        for segnum in range(params.num_segments):
-            drive(reader.segment(segnum), readers)
-
-    t_decode = timed(decode)
+    t_encode = timed(lambda: chk_encode(data, params, lambda write: None))
+    cap, shares = first_shares(data, params)  # untimed: the first k shares for the decode run
+    t_decode = timed(lambda: chk_decode(cap, params, shares))
 
     print(f"CHK codec, {args.size_mib} MiB, k={k} N={n}, segment {segsize} bytes, one core")
     print(f"  SHA-256 alone        {size / t_sha / MB:9.1f} MB/s")

@@ -1,13 +1,9 @@
 """Immutable download: find the shares, then drive the verifying decoder over the servers holding them.
 
 Every copy of every share found is offered to the decoder as (server, share number), fastest-answering
-servers first and one share per server per round, so it reads k shares from the k quickest servers and switches
-to another copy or share when one is missing, unreadable or corrupt. Shares that fail verification are reported
-to their server with a corruption advisory. Only the segments a read covers are fetched.
-
-Verifying and decoding (SHA-256, zfec, AES: they release the GIL) run in a worker thread once a step has at least
-OFFLOAD_BYTES to look at, so the trio thread goes on with TLS and HTTP for the segments read ahead meanwhile.
-The steps of readers sharing state run one at a time, under one lock.
+servers first, so it reads k shares from the quickest servers and switches to another copy or share when one
+is missing, unreadable or corrupt. Shares that fail verification are reported to their server with a
+corruption advisory. Only the segments a read covers are fetched.
 """
 
 from __future__ import annotations
@@ -15,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Hashable
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import trio
 
@@ -35,48 +31,26 @@ Fetch = Callable[[Hashable, list[Span]], Awaitable[list[bytes]]]
 
 READAHEAD_SEGMENTS = 4
 
-OFFLOAD_BYTES = 128 * 1024
-"""A reader step given at least this many bytes runs in a worker thread; a smaller one is cheaper than the hop."""
 
-
-def _step(steps: Generator[FetchBatch, FetchResults, T], results: FetchResults) -> tuple[bool, FetchBatch | T]:
-    """Resume `steps` with `results`: (False, next batch) or (True, final value), never StopIteration (which
-    must not cross a thread hop or leave a coroutine)."""
+async def drive_async(steps: Generator[FetchBatch, FetchResults, T], fetch: Fetch) -> T:
+    """Run a reader generator, fetching each batch's reads concurrently."""
     try:
-        return False, steps.send(results)
+        batch = next(steps)
+        while True:
+            results: dict[Hashable, list[bytes] | BaseException] = {}
+
+            async def one(key: Hashable, spans: list[Span], results=results) -> None:
+                try:
+                    results[key] = await fetch(key, spans)
+                except StorageServerError as exc:
+                    results[key] = exc
+
+            async with trio.open_nursery() as nursery:
+                for key, spans in batch.requests.items():
+                    nursery.start_soon(one, key, spans)
+            batch = steps.send(results)
     except StopIteration as done:
-        return True, done.value
-
-
-async def drive_async(steps: Generator[FetchBatch, FetchResults, T], fetch: Fetch, lock: trio.Lock | None = None) -> T:
-    """Run a reader generator, fetching each batch's reads concurrently.
-
-    Steps run under `lock` (give generators of one reader the same lock: a reader is not thread-safe); a step
-    with at least OFFLOAD_BYTES of results runs in a worker thread.
-    """
-    lock = lock or trio.Lock()
-    async with lock:
-        done, value = _step(steps, None)  # type: ignore[arg-type]  # send(None) starts a generator
-    while not done:
-        batch = cast(FetchBatch, value)
-        results: dict[Hashable, list[bytes] | BaseException] = {}
-
-        async def one(key: Hashable, spans: list[Span], results=results) -> None:
-            try:
-                results[key] = await fetch(key, spans)
-            except StorageServerError as exc:
-                results[key] = exc
-
-        async with trio.open_nursery() as nursery:
-            for key, spans in batch.requests.items():
-                nursery.start_soon(one, key, spans)
-        size = sum(len(piece) for got in results.values() if isinstance(got, list) for piece in got)
-        async with lock:
-            if size >= OFFLOAD_BYTES:
-                done, value = await trio.to_thread.run_sync(_step, steps, results)
-            else:
-                done, value = _step(steps, results)
-    return value  # type: ignore[return-value]
+        return done.value
 
 
 async def read_spans(read: Callable[[int, int], Awaitable[bytes]], spans: list[Span]) -> list[bytes]:
@@ -124,7 +98,6 @@ class ImmutableFile:
         self._servers = {s.server_id: s for s in grid.servers}
         self._advised: set[Hashable] = set()
         self._lock = trio.Lock()
-        self._steps_lock = trio.Lock()  # the reader's steps (some in worker threads) run one at a time
 
     async def _locate(self) -> ChkReader:
         async with self._lock:
@@ -145,13 +118,9 @@ class ImmutableFile:
                 async with trio.open_nursery() as nursery:
                     for server in self.grid.permuted(self.storage_index):
                         nursery.start_soon(ask, server)
-                # Round by round over the servers, quickest first: the k shares read then come from k servers
-                # when the grid allows, so no one server serves most of the file.
-                by_speed = [(server_id, sorted(shnums)) for _elapsed, server_id, shnums in sorted(answered)]
-                for turn in range(max((len(shnums) for _, shnums in by_speed), default=0)):
-                    for server_id, shnums in by_speed:
-                        if turn < len(shnums):
-                            self._reader.add_share(ShareRef(server_id, shnums[turn]), shnums[turn])
+                for _elapsed, server_id, shnums in sorted(answered):
+                    for shnum in sorted(shnums):
+                        self._reader.add_share(ShareRef(server_id, shnum), shnum)
             return self._reader
 
     async def _fetch(self, key: Hashable, spans: list[Span]) -> list[bytes]:
@@ -164,10 +133,9 @@ class ImmutableFile:
     async def _run(self, steps: Generator[FetchBatch, FetchResults, T]) -> T:
         reader = await self._locate()
         try:
-            return await drive_async(steps, self._fetch, self._steps_lock)
+            return await drive_async(steps, self._fetch)
         finally:
-            async with self._steps_lock:  # no step may change bad_shares while they are looked at
-                await advise_corrupt(reader, self._servers, self.storage_index, False, self._advised)
+            await advise_corrupt(reader, self._servers, self.storage_index, False, self._advised)
 
     async def read(self, start: int = 0, end: int | None = None) -> bytes:
         reader = await self._locate()
