@@ -302,19 +302,28 @@ async def mkdir_command(grid: Grid, node: NodeDirectory, args: argparse.Namespac
     return 0
 
 
-async def _link(grid: Grid, node: NodeDirectory, source: str, target: str) -> tuple[DirectoryCap, str, DirEntry]:
-    """Link the object at `source` at `target` (inside it, if `target` is a directory); return its old place."""
-    src_root, src_parents, src_name = _split_parent(source, node)
-    src_parent = await _parent_directory(grid, src_root, src_parents)
-    entry = (await read_directory(grid, src_parent)).get(src_name)
-    if entry is None:
-        raise NoSuchChildError(f"{source} does not exist")
+async def _link(
+    grid: Grid, node: NodeDirectory, source: str, target: str
+) -> tuple[DirectoryCap | None, str | None, DirEntry]:
+    """Link the object at `source` at `target` (inside it, if `target` is a directory); return its old place.
+
+    A bare cap as `source` (as `tahoe ln` allows) has no old place: (None, None, its new entry)."""
+    src_root, src_components = parse_location(source, node.aliases())
+    if not src_components:
+        src_parent, src_name, entry = None, None, child_entry(src_root)
+    else:
+        src_parent = await _parent_directory(grid, src_root, src_components[:-1])
+        src_name = src_components[-1]
+        found = (await read_directory(grid, src_parent)).get(src_name)
+        if found is None:
+            raise NoSuchChildError(f"{source} does not exist")
+        entry = found
     dst_root, dst_components = parse_location(target, node.aliases())
     try:
         existing, _ = await resolve(grid, dst_root, dst_components)
     except NoSuchChildError:
         existing = None
-    if isinstance(existing, DirectoryCap):
+    if isinstance(existing, DirectoryCap) and src_name is not None:
         parent, name = existing, src_name
     else:
         if not dst_components:
@@ -331,7 +340,10 @@ async def ln_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) 
 
 
 async def mv_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    if not parse_location(args.source, node.aliases())[1]:
+        raise LafsError(f"{args.source!r} names no entry inside a directory: nothing to move")
     src_parent, src_name, entry = await _link(grid, node, args.source, args.target)
+    assert src_parent is not None and src_name is not None
 
     def unlink_if_same(children: Children) -> Children | None:
         current = children.get(src_name)

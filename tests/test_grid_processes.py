@@ -201,3 +201,12 @@ def test_directories_over_the_cluster(node: str, tmp_path: Path) -> None:
     blackmatch("rm", "-d", node, "tahoe:docs/final.bin")
     assert blackmatch("ls", "-d", node, "tahoe:docs").stdout.decode().split() == ["copy.bin", "deeper"]
     assert get(node, cap) == data
+
+
+def test_ln_takes_a_bare_cap_as_source(node: str, tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    cap = put(node, data, tmp_path)
+    blackmatch("ln", "-d", node, cap, "tahoe:by-cap.bin")
+    assert get(node, "tahoe:by-cap.bin") == data
+    moved = blackmatch("mv", "-d", node, cap, "tahoe:elsewhere.bin", check=False)
+    assert moved.returncode == 1 and b"nothing to move" in moved.stderr
