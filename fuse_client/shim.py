@@ -92,8 +92,8 @@ def entry_attributes(attributes: Attributes) -> pyfuse3.EntryAttributes:
 
 
 def attr_changes(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> AttrChanges:
-    """The fields setattr is to change. pyfuse3 resolves UTIME_NOW to the current time itself (its
-    SetattrFields has no "now" flag), so `atime_now`/`mtime_now` are never set here: the time arrives explicit."""
+    """The fields setattr is to change. pyfuse3 resolves UTIME_NOW to the current time itself, so times arrive
+    explicit."""
     return AttrChanges(
         mode=attr.st_mode & 0o7777 if fields.update_mode else None,
         uid=attr.st_uid if fields.update_uid else None,

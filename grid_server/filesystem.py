@@ -274,12 +274,22 @@ class GridFilesystem:
     # --- attributes ---------------------------------------------------------------------------------------
     def _fields(self, inode: Inode) -> PosixFields:
         writable = not self.readonly and self._replaceable(inode.cap)
-        return posix_fields(
+        fields = posix_fields(
             inode.metadata, is_dir=inode.kind == DIRECTORY, writable=writable, uid=self.uid, gid=self.gid
         )
+        if inode.written_ns is not None:
+            fields.mtime_ns = fields.ctime_ns = inode.written_ns
+        return fields
 
     def _set_fields(self, inode: Inode, fields: PosixFields) -> None:
         inode.metadata = with_posix_fields(inode.metadata, fields)
+        inode.written_ns = None  # folded into the metadata
+
+    def _folded_metadata(self, inode: Inode) -> dict[str, Any]:
+        """The inode's metadata with the time of its last write in it (writes only note that time)."""
+        if inode.written_ns is not None:
+            self._set_fields(inode, self._fields(inode))
+        return inode.metadata
 
     async def _size(self, inode: Inode) -> int:
         if inode.local is not None:
@@ -343,7 +353,7 @@ class GridFilesystem:
         record: dict[str, Any] = {"op": "set", "seq": seq, "dir": directory.cap.to_string(), "name": name}
         if inode is not None:
             record["kind"] = inode.kind
-            record["meta"] = inode.metadata
+            record["meta"] = self._folded_metadata(inode)
             record["cap"] = inode.cap.to_string() if inode.cap is not None else None
             record["local"] = inode.local.id if inode.local is not None and inode.local.dirty else None
             inode.seq = seq
@@ -396,7 +406,7 @@ class GridFilesystem:
                 else:
                     assert item.cap is not None
                     old = children.get(name)
-                    metadata = update_metadata(old.metadata if old else None, item.metadata, now)
+                    metadata = update_metadata(old.metadata if old else None, self._folded_metadata(item), now)
                     children[name] = child_entry(item.cap, metadata)
             return children
 
@@ -626,9 +636,7 @@ class GridFilesystem:
             fields.uid = changes.uid
         if changes.gid is not None:
             fields.gid = changes.gid
-        if changes.mtime_now:
-            fields.mtime_ns = now
-        elif changes.mtime_ns is not None:
+        if changes.mtime_ns is not None:
             fields.mtime_ns = changes.mtime_ns
         fields.ctime_ns = now
         self._set_fields(node, fields)
@@ -800,16 +808,16 @@ class GridFilesystem:
             local = await self._materialize(node, truncate=bool(flags & os.O_TRUNC))
             local.writers += 1
             if flags & os.O_TRUNC:
-                self._mark_written(node)
+                self._mark_written(node, was_dirty=False)
         elif isinstance(node.cap, MutableWriteCap | MutableReadCap):
             await self._materialize(node)
         return self._new_handle(node, writable)
 
-    def _mark_written(self, inode: Inode) -> None:
-        fields = self._fields(inode)
-        fields.mtime_ns = fields.ctime_ns = time.time_ns()
-        self._set_fields(inode, fields)
-        if inode.parent is None or inode.parent.pending.get(inode.name) is not inode or inode.ready:
+    def _mark_written(self, inode: Inode, was_dirty: bool) -> None:
+        """Note a change of content: its time, and a journal record unless a pending one already names the
+        local file (the case on every write after the first, which then costs no metadata work)."""
+        inode.written_ns = time.time_ns()
+        if not was_dirty or inode.parent is None or inode.parent.pending.get(inode.name) is not inode:
             self._touch(inode)
 
     async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[int, Attributes]:
@@ -846,12 +854,7 @@ class GridFilesystem:
         assert inode.local is not None
         was_dirty = inode.local.dirty
         written = inode.local.pwrite(offset, data)
-        if not was_dirty or inode.parent is None or inode.parent.pending.get(inode.name) is not inode:
-            self._mark_written(inode)
-        else:
-            fields = self._fields(inode)
-            fields.mtime_ns = fields.ctime_ns = time.time_ns()
-            self._set_fields(inode, fields)
+        self._mark_written(inode, was_dirty)
         return written
 
     async def flush(self, fh: int) -> None:

@@ -43,9 +43,6 @@ class LocalFile:
         self.size = size
         self.mark_dirty()
 
-    def sync(self) -> None:
-        os.fsync(self.fd)
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -37,6 +37,7 @@ class Inode:
     seq: int = 0  # journal sequence of this inode's last pending change
     directory: Directory | None = None  # for directories: their state
     failure: str | None = None  # why the last upload of this inode failed
+    written_ns: int | None = None  # time of a write not yet folded into `metadata` (keeps writes cheap)
 
     @property
     def ready(self) -> bool:

@@ -69,7 +69,7 @@ class Attributes:
 
 @dataclass(frozen=True)
 class AttrChanges:
-    """The fields of a setattr call that are to change (None: leave alone). `*_now` sets the time to now."""
+    """The fields of a setattr call that are to change (None: leave alone); times arrive explicit, "now" included."""
 
     mode: int | None = None  # permission bits only; the file type never changes
     uid: int | None = None
@@ -77,8 +77,6 @@ class AttrChanges:
     size: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
-    atime_now: bool = False
-    mtime_now: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

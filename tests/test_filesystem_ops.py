@@ -10,19 +10,20 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
+from fuse_client.grid_commands import create_node
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
 from lafs_core.caps import parse_cap
-from lafs_core.grid.directory import create_directory, read_directory
+from lafs_core.grid.directory import read_directory
 from lafs_core.grid.download import read_immutable
-from lafs_core.grid.nodedir import EncodingConfig, NodeDirectory, create_node_directory
-from lafs_core.grid.servers import open_grid
+from lafs_core.grid.nodedir import NodeDirectory
 
 CALLER = Caller(os.getuid(), os.getgid(), 0o022)
 OPTIONS = FilesystemOptions(cache_timeout=0.5, cache_size=64 << 20)
@@ -30,16 +31,8 @@ OPTIONS = FilesystemOptions(cache_timeout=0.5, cache_size=64 << 20)
 
 @pytest.fixture
 def node(tmp_path: Path) -> tuple[NodeDirectory, str]:
-    node = create_node_directory(tmp_path / "node", encoding=EncodingConfig(3, 5, 10), local_grid=5)
-
-    async def make_root() -> str:
-        grid = open_grid(node)
-        try:
-            return str(await create_directory(grid))
-        finally:
-            await grid.aclose()
-
-    return node, trio.run(make_root)
+    node = create_node(tmp_path / "node", needed=3, happy=5, total=10, local_grid=5)
+    return node, node.aliases()["tahoe"]
 
 
 def run(node: tuple[NodeDirectory, str], body: Callable[[GridFilesystem], Awaitable[None]]) -> None:
@@ -205,11 +198,15 @@ def test_rewriting_immutable_files(node):
         await fs.write(fh, attributes.size, b"more\n")
         await fs.release(fh)
         assert await read_file(fs, inode) == b"hello\nmore\n"
+        before = time.time_ns()
         fh = await fs.open(inode, os.O_RDWR)
         await fs.write(fh, 2, b"XY")
+        written = (await fs.getattr(inode)).mtime_ns
+        assert written >= before
         await fs.fsync(fh, False)
         await fs.release(fh)
         listing = await grid_listing(fs, node[1])
+        assert listing["f"].metadata["blackmatch"]["mtime_ns"] == written  # the write's time reached the grid
         assert await read_immutable(fs.grid, listing["f"].cap) == b"heXYo\nmore\n"  # type: ignore[arg-type]
         await fs.setattr(inode, AttrChanges(size=3), None)
         assert await read_file(fs, inode) == b"heX"
