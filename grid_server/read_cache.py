@@ -296,7 +296,6 @@ class _Entry:
     data_fd: int | None = None
     meta_fd: int | None = None
     immutable: ImmutableFile | None = None
-    immutable_segments: set[int] = field(default_factory=set)  # segments `immutable` has fetched
     dropped: bool = False
     last_end: int | None = None
     last_access_ns: int = 0
@@ -679,19 +678,12 @@ class ReadCache:
         entry.inflight[segnum] = pending
         handed_off = False
         try:
-            if segnum in entry.immutable_segments:
-                # Asking one ChkReader for a segment it already delivered repeats the same share reads, which
-                # its truncation check (the same spans asked for twice in a row) takes for truncated shares:
-                # they would be dropped and reported corrupt. A fresh ImmutableFile costs one share lookup.
-                entry.immutable = None
             immutable = self._immutable(entry, cap)
             try:
                 data = await immutable.segment(segnum)
             except LafsError:
                 self._forget_immutable(entry, immutable)  # next time, look for the shares again
                 raise
-            if entry.immutable is immutable:
-                entry.immutable_segments.add(segnum)
             start, stop = entry.span(segnum)
             if len(data) != stop - start:
                 raise LafsError(f"segment {segnum} decoded to {len(data)} bytes, expected {stop - start}")
@@ -837,7 +829,6 @@ class ReadCache:
     def _immutable(self, entry: _Entry, cap: ChkCap) -> ImmutableFile:
         if entry.immutable is None:
             entry.immutable = ImmutableFile(self.grid, cap)
-            entry.immutable_segments = set()
         return entry.immutable
 
     def _forget_immutable(self, entry: _Entry, immutable: ImmutableFile) -> None:

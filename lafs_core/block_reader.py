@@ -4,7 +4,7 @@ A concrete reader says what a share needs before its blocks can be trusted (`_se
 needs (`_segment_needs`), how a block is checked (`_checked_block`) and how k blocks become plaintext
 (`_decode`). The engine does the rest in the sans-IO protocol of `lafs_core.fetch`: choosing shares with
 distinct numbers, preferring ones already set up, retrying after a share turns out bad or unreadable, and
-detecting truncated shares (a span asked for twice in a row).
+detecting truncated shares (a span needed again after it already came back short).
 
 Shares are named by keys: the share number for CHK files, (server, number) for mutable ones.
 """
@@ -26,7 +26,7 @@ class ShareState:
         self.shnum = shnum
         self.cache = ByteCache()
         self.block_tree: IncompleteHashTree | None = None
-        self.last_requested: list[Span] = []
+        self.short_spans: set[Span] = set()  # spans whose read came back short: the share ends inside them
 
     @property
     def ready(self) -> bool:
@@ -135,7 +135,7 @@ class BlockReader(ABC):
         for share in chosen:
             try:
                 spans = needs_of(share)
-                if spans and spans == share.last_requested:
+                if any(span in share.short_spans for span in spans):
                     raise FormatError("share is truncated")
             except (FormatError, BadShareError) as exc:
                 self._drop(share.key, exc)
@@ -147,13 +147,14 @@ class BlockReader(ABC):
     def _receive(self, batch: FetchBatch, results: FetchResults) -> None:
         for key, spans in batch.requests.items():
             share = self._shares[key]
-            share.last_requested = spans
             got = results.get(key)
             if not isinstance(got, list) or len(got) != len(spans):
                 self.unavailable.setdefault(key, f"read failed: {got!r}")
                 continue
-            for (offset, _length), data in zip(spans, got, strict=True):
+            for (offset, length), data in zip(spans, got, strict=True):
                 share.cache.add(offset, bytes(data))
+                if len(data) < length:
+                    share.short_spans.add((offset, length))
 
     # --- reading -----------------------------------------------------------------------------------------
     def _setup(self, chosen: list[ShareState]) -> Generator[FetchBatch, FetchResults, bool]:

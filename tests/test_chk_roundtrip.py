@@ -91,6 +91,20 @@ def test_truncated_shares_are_dropped(sample):
     assert set(reader.bad_shares) | set(reader.unavailable)
 
 
+def test_reading_a_segment_again_blames_no_share():
+    """A block is dropped from memory once used, so a second read of its segment fetches the same spans again:
+    that is not a truncated share (only a span that already came back short is)."""
+    seg = 64 * 1024
+    data = os.urandom(16 * seg + 1)  # shares too big to be read whole on opening
+    cap, share_list = encode_bytes(data, convergence=b"", max_segment_size=seg)
+    segment_size = ChkParameters.for_size(len(data), max_segment_size=seg).segment_size
+    reader = ChkReader(cap, range(10))
+    readers = {s: _reader(share) for s, share in enumerate(share_list)}
+    for _ in range(4):
+        assert drive(reader.segment(2), readers) == data[2 * segment_size : 3 * segment_size]
+    assert not reader.bad_shares and not reader.unavailable
+
+
 def test_unreadable_shares_count_as_unavailable(sample):
     data, cap, shares = sample
 
