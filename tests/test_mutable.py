@@ -59,7 +59,7 @@ def test_ssk_vector(vector):
 
 
 def test_new_keys_use_65537_and_2048_bits():
-    key = fresh_keys().private_key()
+    key = fresh_keys().private_key
     assert key.key_size == 2048 and key.public_key().public_numbers().e == 65537
     assert len(fresh_keys().public_key_der) == 294
 

@@ -102,6 +102,7 @@ async def create_directory(
     keys = WriterKeys.from_private_key(await grid.private_key())
     plaintext = pack_directory(children or {}, keys.writekey)
     await publish(grid, keys, plaintext, None, file_format)
+    grid.remember_writer(keys)
     return DirectoryCap(keys.cap(file_format))
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -25,12 +26,16 @@ from ..hashes import (
     my_renewal_secret_hash,
 )
 from ..immutable.params import DEFAULT_MAX_SEGMENT_SIZE
-from ..mutable.keys import write_enabler
+from ..mutable.keys import WriterKeys, write_enabler
+from .key_pool import KeyPool
 from .nodedir import EncodingConfig
 from .selection import permuted
 from .server_api import LeaseSecrets, ServerUnavailableError, StorageServer, StorageServerError
 
 log = logging.getLogger("blackmatch.grid")
+
+KNOWN_WRITERS = 1024
+"""Mutable files and directories whose loaded keys a Grid keeps (a few KiB each), most recently used."""
 
 
 @dataclass
@@ -43,7 +48,8 @@ class Grid:
     encoding: EncodingConfig
     mutable_format: str = "sdmf"
     max_segment_size: int = DEFAULT_MAX_SEGMENT_SIZE
-    new_private_key: Callable[[], RSAPrivateKey] = rsa.generate_private_key
+    keys: KeyPool = field(default_factory=lambda: KeyPool(rsa.generate_private_key))
+    known_writers: OrderedDict[bytes, WriterKeys] = field(default_factory=OrderedDict)
 
     def permuted(self, storage_index: bytes) -> list[StorageServer]:
         return permuted(self.servers, storage_index)
@@ -66,8 +72,21 @@ class Grid:
         return write_enabler(writekey, server.tubid)
 
     async def private_key(self) -> RSAPrivateKey:
-        """A fresh RSA key for a new mutable file, made off the event loop (it takes a while)."""
-        return await trio.to_thread.run_sync(self.new_private_key)
+        """A fresh RSA key for a new mutable file or directory (a spare one when the pool has it)."""
+        return await self.keys.take()
+
+    def remember_writer(self, keys: WriterKeys) -> None:
+        """Keep a writer's keys, so the next update of that file neither fetches nor loads its private key."""
+        self.known_writers[keys.storage_index] = keys
+        self.known_writers.move_to_end(keys.storage_index)
+        while len(self.known_writers) > KNOWN_WRITERS:
+            self.known_writers.popitem(last=False)
+
+    def known_writer(self, storage_index: bytes) -> WriterKeys | None:
+        keys = self.known_writers.get(storage_index)
+        if keys is not None:
+            self.known_writers.move_to_end(storage_index)
+        return keys
 
     async def aclose(self) -> None:
         for server in self.servers:

@@ -199,15 +199,20 @@ async def create_mutable(grid: Grid, plaintext: bytes, file_format: str | None =
     file_format = (file_format or grid.mutable_format).upper()
     keys = WriterKeys.from_private_key(await grid.private_key())
     await publish(grid, keys, plaintext, None, file_format)
+    grid.remember_writer(keys)
     return keys.cap(file_format)
 
 
 async def writer_keys(grid: Grid, cap: MutableWriteCap, servermap: ServerMap) -> WriterKeys:
-    """The writer's keys, recovered from the encrypted private key the shares carry.
+    """The writer's keys: those the grid already knows, else recovered from the encrypted private key the
+    shares carry.
 
     MDMF shares carry it near the start, so mapping read it; an SDMF share keeps it at its end, which is
     fetched from one server when the share was larger than the mapping read.
     """
+    known = grid.known_writer(cap.storage_index)
+    if known is not None and known.writekey == cap.writekey:
+        return known
     for ref, header in sorted(servermap.headers.items()):
         encrypted = header.enc_privkey
         if not encrypted:
@@ -220,9 +225,12 @@ async def writer_keys(grid: Grid, cap: MutableWriteCap, servermap: ServerMap) ->
                 log.info("reading the private key from %s failed: %s", ref.server, exc)
                 continue
         try:
-            return writer_keys_from_share(cap, encrypted)
+            keys = writer_keys_from_share(cap, encrypted)
         except FormatError as exc:
             log.warning("share %s carries a bad private key: %s", ref, exc)
+            continue
+        grid.remember_writer(keys)
+        return keys
     raise UnrecoverableFileError("no share yields the file's private key")
 
 

@@ -36,6 +36,10 @@ WRITE_COALESCE = 1024 * 1024
 SEGMENTS_AHEAD = 2
 """How many encoded segments may wait for the network: the upload's memory bound."""
 
+INLINE_LIMIT = 128 * 1024
+"""Files up to this size are hashed and encoded on the event loop (a millisecond or two): handing the work to a
+thread costs more than doing it, which is what many small files need."""
+
 OpenChunks = Callable[[], Iterator[bytes]]
 
 
@@ -156,7 +160,10 @@ async def upload_immutable(grid: Grid, size: int, open_chunks: OpenChunks, *, ke
     enc = grid.encoding
     params = ChkParameters.for_size(size, enc.needed, enc.total, grid.max_segment_size)
     if key is None:
-        key = await trio.to_thread.run_sync(lambda: convergent_key(open_chunks(), grid.convergence, params))
+        if size <= INLINE_LIMIT:
+            key = convergent_key(open_chunks(), grid.convergence, params)
+        else:
+            key = await trio.to_thread.run_sync(lambda: convergent_key(open_chunks(), grid.convergence, params))
     storage_index = storage_index_hash(key)
     encoder = ChkEncoder(key, params)
     upload_secret = os.urandom(32)
@@ -191,13 +198,15 @@ async def _stream(
     upload_secret: bytes,
     placement: Placement,
 ) -> None:
+    def encoded() -> Iterator[ShareWrite]:
+        for chunk in open_chunks():
+            yield from encoder.write(chunk)
+        yield from encoder.finish()
+
     send, receive = trio.open_memory_channel[ShareWrite | None](SEGMENTS_AHEAD)
 
     def produce() -> None:
-        for chunk in open_chunks():
-            for write in encoder.write(chunk):
-                trio.from_thread.run(send.send, write)
-        for write in encoder.finish():
+        for write in encoded():
             trio.from_thread.run(send.send, write)
         trio.from_thread.run(send.send, None)
 
@@ -249,7 +258,12 @@ async def _stream(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(consume)
-        await trio.to_thread.run_sync(produce, abandon_on_cancel=False)
+        if encoder.params.size <= INLINE_LIMIT:
+            for write in encoded():
+                await send.send(write)
+            await send.send(None)
+        else:
+            await trio.to_thread.run_sync(produce, abandon_on_cancel=False)
 
 
 def file_chunks(path: os.PathLike, chunk_size: int = 1024 * 1024) -> OpenChunks:

@@ -85,7 +85,7 @@ def assemble_shares(
     else:
         salt = None
     prefix = SignedPrefix(version, seqnum, share_tree[0], salt, needed, total, segment_size, data_length)
-    signature = rsa.sign(keys.private_key(), prefix.pack())
+    signature = rsa.sign(keys.private_key, prefix.pack())
     enc_privkey = keys.encrypted_private_key
     shares = []
     for shnum in range(total):

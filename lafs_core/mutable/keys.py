@@ -6,6 +6,7 @@ the writekey and the server's 20-byte TubID, which is what lets other Tahoe clie
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
@@ -61,7 +62,9 @@ class WriterKeys:
         cls = MdmfWriteCap if file_format == MDMF else SskWriteCap
         return cls(self.writekey, self.fingerprint)
 
+    @cached_property
     def private_key(self) -> RSAPrivateKey:
+        """The loaded key, kept: a writer signs with it on every publish."""
         return rsa.load_private_key_der(self.private_key_der)
 
 

@@ -85,7 +85,7 @@ def mdmf_update_vectors(
         block_trees.append(HashTree((kept + fresh)[: new.num_segments]))
     share_tree = HashTree([tree[0] for tree in block_trees])
     new = SignedPrefix(MDMF_VERSION, seqnum, share_tree[0], None, old.needed, old.total, segsize, data_length)
-    signature = rsa.sign(keys.private_key(), new.pack())
+    signature = rsa.sign(keys.private_key, new.pack())
     vectors: dict[ShareRef, TestAndWrite] = {}
     for ref in servermap.shares_of(old):
         chain = {i: share_tree[i] for i in share_tree.needed_hashes(ref.shnum)}

@@ -12,9 +12,11 @@ client sends can crash the server or disturb other connections: every problem en
 connection with one log line, which never contains a secret or the swissnum.
 
 The ShareStore is synchronous and not thread-safe: every call goes through `_StoreRunner`, which holds one lock
-per store; calls that move share data or fsync run in a worker thread (`ServerLimits.threaded_store`, the
-default), so TLS and HTTP work on other connections goes on meanwhile. Measured on loopback, 1 MiB reads and
-writes are as fast this way as on the trio thread once cheap calls (stat, listing) skip the thread hop.
+per store; calls that move at least `THREADED_BYTES` of share data run in a worker thread
+(`ServerLimits.threaded_store`, the default), so TLS and HTTP work on other connections goes on meanwhile.
+Measured on loopback: 1 MiB reads and writes are as fast this way as on the trio thread, while for small ones
+(a 4 KiB file's shares, allocations, leases, directory updates) the thread hop cost more than the call and its
+fsync together (500 small files through 5 servers: 12% less server CPU, 9% less time with them inline).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ _RECEIVE_SIZE = 256 * 1024
 _DRAIN_LIMIT = 64 * 1024  # an unread request body up to this size is read and dropped to keep the connection
 _LINGER_SECONDS = 1.0  # after refusing a large body, keep reading a little so the client can see the answer
 _LINGER_BYTES = 8 * 1024 * 1024
+THREADED_BYTES = 64 * 1024  # store calls moving at least this much share data run in a worker thread
 
 # How ShareStore refusals become HTTP statuses (Tahoe's codes). Tahoe has no code for a write beyond the
 # allocated size (its DataTooLargeError escapes as a 500): 416 says the Content-Range does not fit the share.
@@ -99,7 +102,7 @@ class ServerLimits:
     max_mutable_share_size: int = 256 * 1024 * 1024  # advertised in the version; larger writes get 413
     max_read_vector_bytes: int = 32 * 1024 * 1024  # a read-test-write answer may not be larger than this
     io_chunk: int = 1024 * 1024  # share data moves between socket and store in pieces of this size
-    threaded_store: bool = True  # disk-heavy store calls in a worker thread (one at a time), not on the trio thread
+    threaded_store: bool = True  # bulk store calls in a worker thread (one at a time), not on the trio thread
 
 
 @dataclass
@@ -130,18 +133,18 @@ class _StoreRunner:
     """Runs ShareStore calls one at a time: the store is not thread-safe, and one lock per store serializes
     the callers, whether the call then runs in a worker thread or on the trio thread.
 
-    Only `heavy` calls (share data, or an fsync: uploads finishing, journal commits) go to a thread when
-    `threaded`; a thread hop costs more than a directory listing or a stat."""
+    Only calls that move `THREADED_BYTES` or more go to a thread when `threaded`; a thread hop costs more than
+    a stat, a listing or a small write with its fsync."""
 
     def __init__(self, store: ShareStore, threaded: bool) -> None:
         self.store = store
         self._threaded = threaded
         self._lock = trio.Lock()
 
-    async def __call__(self, fn: Callable[[ShareStore], T], *, heavy: bool = False) -> T:
+    async def __call__(self, fn: Callable[[ShareStore], T], *, moves: int = 0) -> T:
         async with self._lock:
             try:
-                if heavy and self._threaded:
+                if moves >= THREADED_BYTES and self._threaded:
                     return await trio.to_thread.run_sync(fn, self.store)
                 return fn(self.store)
             except store_errors.StoreError as exc:
@@ -609,7 +612,7 @@ class GbsServer:
                 si, secrets[Secret.LEASE_RENEW], secrets[Secret.LEASE_CANCEL], secrets[Secret.UPLOAD], wanted, size
             )
 
-        result = await self._store(allocate, heavy=True)
+        result = await self._store(allocate)
         await ex.respond_cbor(200, {"already-have": set(result.already_have), "allocated": set(result.allocated)})
 
     async def _write(self, ex: _Exchange, secrets: dict[Secret, bytes], si: bytes, shnum: int) -> None:
@@ -632,7 +635,9 @@ class GbsServer:
                 raise HttpError(400, "body shorter than the Content-Range")
             if offset + len(chunk) > end:
                 raise HttpError(400, "body longer than the Content-Range")
-            missing = await self._store(functools.partial(_write_chunk, si, shnum, secret, offset, chunk), heavy=True)
+            missing = await self._store(
+                functools.partial(_write_chunk, si, shnum, secret, offset, chunk), moves=len(chunk)
+            )
             offset += len(chunk)
         if await ex.read_chunk(1):
             raise HttpError(400, "body longer than the Content-Range")
@@ -687,7 +692,7 @@ class GbsServer:
         if ex.method != "HEAD":
             for offset in range(start, end, self.limits.io_chunk):
                 size = min(self.limits.io_chunk, end - offset)
-                data = await self._store(functools.partial(read, offset=offset, size=size), heavy=True)
+                data = await self._store(functools.partial(read, offset=offset, size=size), moves=size)
                 if len(data) != size:  # a mutable share shrank while we were sending it
                     raise HttpError(500, "share changed during the read")
                 await ex.send_body(data)
@@ -720,7 +725,7 @@ class GbsServer:
     async def _lease(self, ex: _Exchange, secrets: dict[Secret, bytes], si: bytes) -> None:
         await self._drop_body(ex)
         renew, cancel = secrets[Secret.LEASE_RENEW], secrets[Secret.LEASE_CANCEL]
-        if not await self._store(lambda store: store.add_or_renew_lease(si, renew, cancel), heavy=True):
+        if not await self._store(lambda store: store.add_or_renew_lease(si, renew, cancel)):
             raise HttpError(404, "no shares to lease")
         await ex.respond(204)
 
@@ -761,7 +766,7 @@ class GbsServer:
                 reads,
             )
 
-        outcome = await self._store(read_test_write, heavy=True)
+        outcome = await self._store(read_test_write, moves=ex.content_length or 0)
         await ex.respond_cbor(200, {"success": outcome.success, "data": outcome.data})
 
 
