@@ -200,15 +200,19 @@ class GridFilesystem:
         if directory.stale(self.options.cache_timeout):
             async with directory.refresh_lock:
                 if directory.stale(self.options.cache_timeout):
+                    version = directory.listing_version
                     try:
                         listing = await read_directory(self.grid, directory.cap)
                     except LafsError as exc:
                         if directory.listing is None:
                             raise FsError(errno.EIO, f"cannot read directory: {exc}") from None
                         log.warning("directory re-read failed, using the last listing: %s", exc)
+                        directory.fetched_at = time.monotonic()
                     else:
-                        directory.listing = listing
-                    directory.fetched_at = time.monotonic()
+                        # A publish that landed during the read left a newer listing (and dropped the pending
+                        # names it holds): the read's older one would hide them.
+                        if directory.listing_version == version:
+                            directory.set_listing(listing)
         return directory
 
     @staticmethod
@@ -420,7 +424,7 @@ class GridFilesystem:
             self.nursery.start_soon(self._retry_publish, directory)
             return
         directory.failure = None
-        directory.listing, directory.fetched_at = listing, time.monotonic()
+        directory.set_listing(listing)
         published = []
         for name, (item, seq) in batch.items():
             if directory.pending_seq.get(name) == seq:
@@ -681,7 +685,7 @@ class GridFilesystem:
             raise FsError(errno.EEXIST)
         inode = self._new_inode(DIRECTORY, cap, {})
         assert inode.directory is not None
-        inode.directory.listing, inode.directory.fetched_at = {}, time.monotonic()
+        inode.directory.set_listing({})
         self._set_fields(inode, self._new_fields(caller, mode))
         self._set_pending(directory, name, inode)
         inode.lookups += 1

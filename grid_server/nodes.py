@@ -53,6 +53,7 @@ class Directory:
     cap: DirectoryCap
     listing: dict[str, DirEntry] | None = None
     fetched_at: float = 0.0
+    listing_version: int = 0  # bumped whenever `listing` is replaced
     pending: dict[str, Inode | None] = field(default_factory=dict)
     pending_seq: dict[str, int] = field(default_factory=dict)  # journal sequence of each pending change
     inodes: dict[str, Inode] = field(default_factory=dict)  # live inodes linked here, by name
@@ -63,6 +64,10 @@ class Directory:
     publisher_running: bool = False
     urgent: bool = False
     failure: str | None = None
+
+    def set_listing(self, listing: dict[str, DirEntry]) -> None:
+        self.listing, self.fetched_at = listing, time.monotonic()
+        self.listing_version += 1
 
     def stale(self, timeout: float) -> bool:
         return self.listing is None or time.monotonic() - self.fetched_at > timeout

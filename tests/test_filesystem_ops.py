@@ -7,6 +7,8 @@ resuming what a killed process left.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import errno
 import os
 import stat
@@ -18,6 +20,7 @@ import pytest
 import trio
 
 from fuse_client.grid_commands import create_node
+from grid_server import filesystem
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
 from lafs_core.caps import parse_cap
@@ -212,3 +215,43 @@ def test_rewriting_immutable_files(node):
         assert await read_file(fs, inode) == b"heX"
 
     run(node, body)
+
+
+def test_a_directory_read_answered_before_a_publish_does_not_hide_its_names(node, monkeypatch):
+    """A listing re-read whose answers were served before a publish but arrive after it must not replace the
+    newer listing the publish left: the published name would vanish until the next re-read."""
+    hold: contextvars.ContextVar[trio.Event | None] = contextvars.ContextVar("hold", default=None)
+
+    async def late_read_directory(grid, cap):
+        listing = await read_directory(grid, cap)  # served now...
+        release = hold.get()
+        if release is not None:
+            await release.wait()  # ...delivered late
+        return listing
+
+    monkeypatch.setattr(filesystem, "read_directory", late_read_directory)
+
+    async def main() -> None:
+        async with open_filesystem(node[0], node[1], FilesystemOptions(cache_timeout=3600)) as fs:
+            parent = (await fs.mkdir(ROOT_INODE, "dir", 0o755, CALLER)).inode
+            await write_file(fs, parent, "a", os.urandom(1000))
+            release = trio.Event()
+
+            async def late_reread() -> None:
+                hold.set(release)
+                with pytest.raises(FsError):
+                    await fs.lookup(parent, "absent")  # stale: re-reads the listing, answers held
+
+            async with trio.open_nursery() as nursery:
+                fs.options = dataclasses.replace(fs.options, cache_timeout=0)
+                nursery.start_soon(late_reread)
+                await trio.sleep(0.2)  # the re-read is done, its answer held
+                fs.options = dataclasses.replace(fs.options, cache_timeout=3600)
+                await write_file(fs, parent, "b", os.urandom(1000))  # published meanwhile
+                release.set()
+            assert (await fs.lookup(parent, "b")).size == 1000
+            fh = await fs.opendir(parent)
+            assert [entry.name for entry in await fs.readdir(fh, 0)] == ["a", "b"]
+            await fs.releasedir(fh)
+
+    trio.run(main)

@@ -1,0 +1,133 @@
+"""Ordinary shell tools on a mounted grid of real storage-server processes, then a remount with an empty cache.
+
+The tools do not know they work on a grid: cp -a, diff -r, tar, rsync, git, an editor's atomic save, >>,
+truncate, dd conv=notrunc, sparse files, chmod, touch -d, ln, ln -s, mv, find and du. After unmounting and
+wiping the cache, everything reads back identical from the grid, and `blackmatch get` gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .mounting import Mount, fuse_unavailable, wipe_cache
+from .storage_cluster import StorageCluster, blackmatch
+
+pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+
+
+DIFF = "diff -r --no-dereference"  # symlinks compared as links: the tree has a dangling one
+
+
+def sh(script: str, cwd: Path) -> str:
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{script!r} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def make_tree(root: Path, files: int, seed: int = 1) -> None:
+    """Nested directories of small and a few larger files, with relative symlinks."""
+    rng = random.Random(seed)
+    for i in range(files):
+        directory = root / f"d{i % 7}" / f"e{i % 13}"
+        directory.mkdir(parents=True, exist_ok=True)
+        size = rng.choice([0, 1, 40, 300, 4000, 70_000]) if i % 250 else 1_500_000
+        (directory / f"f{i}.dat").write_bytes(rng.randbytes(size))
+        if i % 100 == 0:
+            (directory / f"link{i}").symlink_to(f"f{i}.dat")
+    (root / "dangling").symlink_to("does/not/exist")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    with StorageCluster(tmp_path_factory.mktemp("cluster"), 5) as running:
+        yield running
+
+
+def test_shell_tools_on_the_mount(cluster: StorageCluster, tmp_path: Path) -> None:
+    node = cluster.create_node(tmp_path / "node", 3, 5, 10)
+    source = tmp_path / "source"
+    make_tree(source, 2000)
+    small = tmp_path / "small"  # for tar and rsync: what they do is the same on 150 files as on 2,000
+    make_tree(small, 150, seed=2)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    with Mount(node, mountpoint):
+        sh(f"cp -a {source} tree && {DIFF} {source} tree", mountpoint)
+        sh(f"mkdir untar && tar -C {small} -cf archive.tar . && tar -C untar -xf archive.tar", mountpoint)
+        sh(f"{DIFF} {small} untar && tar -C untar -cf {work}/back.tar . && mkdir {work}/back", mountpoint)
+        sh(f"tar -C {work}/back -xf {work}/back.tar && {DIFF} {small} {work}/back", mountpoint)
+        sh(f"rsync -a {small}/ synced/ && {DIFF} {small} synced", mountpoint)
+        second = sh(f"rsync -a --itemize-changes {small}/ synced/", mountpoint)
+        assert second.strip() == "", f"the second rsync copied again: {second[:500]}"
+        sh(
+            "git init -q repo && cd repo && git config user.email t@example.org && git config user.name t && "
+            "echo one > a && git add a && git commit -qm one && echo two >> a && git commit -qam two && "
+            'git checkout -q HEAD~1 -- a && test "$(cat a)" = one && git checkout -q HEAD -- a && '
+            'test "$(git log --oneline | wc -l)" = 2 && test -z "$(git status --porcelain)"',
+            mountpoint,
+        )
+        # An editor's atomic save: write a temporary file, fsync it, rename it over the original.
+        sh(
+            'echo old > doc.txt && python3 -c "import os; '
+            "f = os.open('doc.txt.tmp', os.O_WRONLY | os.O_CREAT, 0o644); os.write(f, b'new contents\\n'); "
+            "os.fsync(f); os.close(f); os.rename('doc.txt.tmp', 'doc.txt')\" && "
+            "test \"$(cat doc.txt)\" = 'new contents' && test ! -e doc.txt.tmp",
+            mountpoint,
+        )
+        sh("printf 'line1\\n' > log.txt && printf 'line2\\n' >> log.txt && test \"$(wc -l < log.txt)\" = 2", mountpoint)
+        sh("seq 1 100000 > numbers && truncate -s 1000 numbers && test $(stat -c %s numbers) = 1000", mountpoint)
+        sh(
+            "truncate -s 5000 numbers && test $(stat -c %s numbers) = 5000 && "
+            "test -z \"$(tail -c 4000 numbers | tr -d '\\0')\"",
+            mountpoint,
+        )
+        sh("head -c 1000000 /dev/urandom > patched && cp patched " + str(work / "patched"), mountpoint)
+        sh(
+            f"printf 'XYZ' | dd of=patched bs=1 seek=500000 conv=notrunc status=none && "
+            f"printf 'XYZ' | dd of={work}/patched bs=1 seek=500000 conv=notrunc status=none && "
+            f"cmp patched {work}/patched",
+            mountpoint,
+        )
+        sh(
+            "dd if=/dev/zero of=sparse bs=1 count=1 seek=10000000 status=none && test $(stat -c %s sparse) = 10000001",
+            mountpoint,
+        )
+        sh(
+            "chmod 600 log.txt && test $(stat -c %a log.txt) = 600 && touch -d '2001-02-03 04:05:06' log.txt && "
+            'test "$(date -r log.txt +%Y)" = 2001 && ln log.txt hard.txt && cmp log.txt hard.txt && '
+            'ln -s log.txt soft && test "$(readlink soft)" = log.txt && test "$(cat soft)" = "$(cat log.txt)" && '
+            "mkdir -p x/y && mv doc.txt x/y/ && mv x/y z && test -f z/doc.txt && test ! -e x/y",
+            mountpoint,
+        )
+        found = sh("find tree -type f | wc -l", mountpoint)
+        assert int(found) == 2000
+        assert int(sh("find tree -type l | wc -l", mountpoint)) == 21
+        usage = sh("du -sk tree | cut -f1", mountpoint)
+        assert int(usage) > 1000
+        expected = {
+            path.relative_to(mountpoint): (path.read_bytes() if path.is_file() and not path.is_symlink() else None)
+            for path in [mountpoint / "log.txt", mountpoint / "patched", mountpoint / "z" / "doc.txt"]
+        }
+    wipe_cache(node)
+    with Mount(node, mountpoint):
+        sh(
+            f"{DIFF} {source} tree && {DIFF} {small} synced && {DIFF} {small} untar",
+            mountpoint,
+        )
+        sh(
+            f'cmp patched {work}/patched && test $(stat -c %a log.txt) = 600 && test "$(date -r log.txt +%Y)" = 2001',
+            mountpoint,
+        )
+        sh('cd repo && git log --oneline | wc -l | grep -qx 2 && test -z "$(git status --porcelain)"', mountpoint)
+        assert os.readlink(mountpoint / "soft") == "log.txt"
+        for relative, content in expected.items():
+            assert (mountpoint / relative).read_bytes() == content
+    for relative, content in expected.items():
+        assert blackmatch("get", "-d", str(node), f"tahoe:{relative}").stdout == content
