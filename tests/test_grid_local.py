@@ -1,5 +1,6 @@
 """Upload, download, mutable files and directories over a grid of in-process local share stores."""
 
+import dataclasses
 import os
 import random
 
@@ -13,7 +14,10 @@ from lafs_core.errors import NotEnoughSharesError
 from lafs_core.grid.directory import ExistingChildError, create_directory, modify_directory, read_directory
 from lafs_core.grid.download import ImmutableFile, read_immutable
 from lafs_core.grid.mutable_io import create_mutable, map_servers, overwrite, publish, retrieve, writer_keys
-from lafs_core.grid.upload import UploadUnhappyError, bytes_chunks, upload_immutable
+from lafs_core.grid.upload import UploadUnhappyError, allocate_shares, bytes_chunks, upload_immutable
+from lafs_core.hashes import storage_index_hash
+from lafs_core.immutable.encode import convergent_key
+from lafs_core.immutable.params import ChkParameters
 from lafs_core.mutable.keys import SDMF
 from lafs_core.mutable.publish import UncoordinatedWriteError
 from lafs_core.storage.containers import is_mutable_container
@@ -70,6 +74,55 @@ def test_unhappy_upload_fails_and_leaves_nothing(tmp_path):
     assert "need 5" in str(info.value)
     assert share_files(tmp_path) == []
     assert not any(p.is_file() for p in tmp_path.glob("server-*/shares/incoming/**/*"))
+
+
+def test_upload_succeeds_beside_an_abandoned_upload_of_the_same_file(tmp_path):
+    """A client killed mid-upload leaves buckets that block their share numbers on those servers for a while.
+    Uploading the same file again (same storage index) must place other share numbers there, still happy: here
+    two servers lost their shares and hold a dead upload's buckets for them, the other three hold two each."""
+    grid = local_grid(tmp_path)
+    data = os.urandom(100_000)
+    cap = run(upload_immutable, grid, len(data), bytes_chunks(data))
+    ring = grid.permuted(cap.storage_index)
+    lost = {}
+    for server in ring[:2]:
+        shares = sorted((tmp_path / server.server_id).glob("shares/*/*/*"))
+        lost[server.server_id] = {int(p.name) for p in shares}
+        for path in shares:
+            path.unlink()
+
+    async def main():
+        for server in ring[:2]:
+            lease = grid.lease(cap.storage_index, server)
+            dead = await server.allocate_buckets(cap.storage_index, lease, os.urandom(32), lost[server.server_id], 9)
+            assert dead.allocated == lost[server.server_id]
+        assert await upload_immutable(grid, len(data), bytes_chunks(data)) == cap
+        assert await read_immutable(grid, cap) == data
+
+    run(main)
+    holders = {f.parts[-5] for f in share_files(tmp_path)}
+    assert holders == {server.server_id for server in ring}  # happiness 5 again: every server holds a share
+
+
+def test_a_retry_reclaims_the_buckets_its_dead_attempt_left(tmp_path):
+    """A killed upload leaves every share number in progress on every server; the same client's next attempt
+    (same upload secret) aborts those buckets and uploads. Another client could not, and would be refused."""
+    grid = local_grid(tmp_path)
+    data = os.urandom(100_000)
+    params = ChkParameters.for_size(len(data), 3, 10)
+    storage_index = storage_index_hash(convergent_key(bytes_chunks(data)(), grid.convergence, params))
+
+    async def main():
+        dead = await allocate_shares(grid, storage_index, 40_000, grid.upload_secret(storage_index))
+        assert len(dead.writers) == 10
+        other = dataclasses.replace(grid, lease_secret=b"o" * 32)  # another client of the same servers
+        with pytest.raises(UploadUnhappyError):
+            await upload_immutable(other, len(data), bytes_chunks(data))
+        cap = await upload_immutable(grid, len(data), bytes_chunks(data))
+        assert await read_immutable(grid, cap) == data
+
+    run(main)
+    assert len(share_files(tmp_path)) == 10
 
 
 def test_copy_to_streams_in_order(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -24,6 +24,7 @@ from ..hashes import (
     file_renewal_secret_hash,
     my_cancel_secret_hash,
     my_renewal_secret_hash,
+    tagged_pair_hash,
 )
 from ..immutable.params import DEFAULT_MAX_SEGMENT_SIZE
 from ..mutable.keys import WriterKeys, write_enabler
@@ -50,6 +51,7 @@ class Grid:
     max_segment_size: int = DEFAULT_MAX_SEGMENT_SIZE
     keys: KeyPool = field(default_factory=lambda: KeyPool(rsa.generate_private_key))
     known_writers: OrderedDict[bytes, WriterKeys] = field(default_factory=OrderedDict)
+    _upload_locks: dict[bytes, trio.Lock] = field(default_factory=dict, init=False, repr=False)
 
     def permuted(self, storage_index: bytes) -> list[StorageServer]:
         return permuted(self.servers, storage_index)
@@ -67,6 +69,25 @@ class Grid:
         return LeaseSecrets(
             bucket_renewal_secret_hash(renew, server.tubid), bucket_cancel_secret_hash(cancel, server.tubid)
         )
+
+    def upload_secret(self, storage_index: bytes) -> bytes:
+        """This client's upload secret for one file: the same on every attempt, so a retry after a crash can
+        abort the buckets the dead attempt left (they would block those share numbers for a long while);
+        secret, because it is derived from the node's lease secret. blackmatch's own tag, not Tahoe's: Tahoe
+        uses a random secret per upload, and servers only compare it."""
+        return tagged_pair_hash(b"blackmatch_upload_secret_v1", self.lease_secret, storage_index)
+
+    @contextlib.asynccontextmanager
+    async def uploading(self, storage_index: bytes) -> AsyncIterator[None]:
+        """Held while one file is uploaded: uploads of identical content in this process take turns (they share
+        the upload secret, so one must not abort the other's buckets; the second finds the shares there)."""
+        lock = self._upload_locks.setdefault(storage_index, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._upload_locks.pop(storage_index, None)
 
     def write_enabler(self, writekey: bytes, server: StorageServer) -> bytes:
         return write_enabler(writekey, server.tubid)

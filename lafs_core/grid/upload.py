@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -78,19 +78,54 @@ class Placement:
 
 
 async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upload_secret: bytes) -> Placement:
-    """Ask servers along the ring for buckets until every share has a home, or no server is left to ask."""
+    """Ask servers along the ring for buckets until every share has a home, or no server is left to ask; then,
+    if that is not happy enough, move shares onto servers that hold none."""
     total = grid.encoding.total
     ring = grid.permuted(storage_index)
     writers: dict[int, _ShareWriter] = {}
     held: dict[str, set[int]] = {}
-    refused: set[str] = set()
+    errored: set[str] = set()
+    declined: dict[str, set[int]] = {}  # share numbers a server would not take (no room, or another upload's)
     refusals: list[str] = []
+
+    async def ask(server: StorageServer, wanted: set[int]) -> AllocationResult:
+        lease = grid.lease(storage_index, server)
+        return await server.allocate_buckets(storage_index, lease, upload_secret, wanted, share_size)
+
+    def record(server: StorageServer, wanted: Iterable[int], result: object) -> None:
+        if isinstance(result, Exception):
+            log.info("server %s refused allocation: %s", server.nickname, result)
+            errored.add(server.server_id)
+            refusals.append(str(result))
+            return
+        assert isinstance(result, AllocationResult)
+        if result.already_have:
+            held.setdefault(server.server_id, set()).update(result.already_have)
+        for shnum in result.allocated:
+            writers[shnum] = _ShareWriter(server, shnum)
+        missed = set(wanted) - set(result.allocated) - set(result.already_have)
+        if missed:
+            declined.setdefault(server.server_id, set()).update(missed)
+
+    async def reclaim(server: StorageServer, shnums: set[int]) -> None:
+        """Abort buckets of ours a dead attempt left (same secret), so their share numbers are free again."""
+        for shnum in sorted(shnums):
+            try:
+                await server.abort_upload(storage_index, shnum, upload_secret)
+            except StorageServerError:
+                continue  # not ours (another client's upload), or no room: stays declined
+            log.info("aborted an earlier attempt's bucket %d on %s", shnum, server.nickname)
+            declined[server.server_id].discard(shnum)
+        if not declined[server.server_id]:
+            del declined[server.server_id]
+
     homeless = list(range(total))
     candidates = ring[: max(total, 1)]
+    reclaimed: set[str] = set()
     while homeless:
-        usable = [s for s in candidates if s.server_id not in refused]
+        usable = [s for s in candidates if s.server_id not in errored and s.server_id not in declined]
         if not usable:
-            extra = [s for s in ring if s not in candidates and s.server_id not in refused]
+            extra = [s for s in ring if s not in candidates]
             if not extra:
                 break
             candidates += extra
@@ -100,30 +135,62 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
             load[writer.server.server_id] = load.get(writer.server.server_id, 0) + 1
         assignment = spread(homeless, [s.server_id for s in usable], load)
         by_id = {s.server_id: s for s in usable}
-
-        async def ask(server: StorageServer, wanted: set[int]) -> AllocationResult:
-            lease = grid.lease(storage_index, server)
-            return await server.allocate_buckets(storage_index, lease, upload_secret, wanted, share_size)
-
         results = await gather_per_server(
             [by_id[sid] for sid in assignment], lambda s, a=assignment: ask(s, set(a[s.server_id])), timeout=60
         )
         for server_id, result in results.items():
-            if isinstance(result, Exception):
-                log.info("server %s refused allocation: %s", by_id[server_id].nickname, result)
-                refused.add(server_id)
-                refusals.append(str(result))
-                continue
-            assert isinstance(result, AllocationResult)
-            if result.already_have:
-                held.setdefault(server_id, set()).update(result.already_have)
-            for shnum in result.allocated:
-                writers[shnum] = _ShareWriter(by_id[server_id], shnum)
-            if set(assignment[server_id]) - set(result.allocated) - set(result.already_have):
-                refused.add(server_id)  # out of space for more: do not ask it again
+            record(by_id[server_id], assignment[server_id], result)
+            if server_id in declined and server_id not in reclaimed:
+                reclaimed.add(server_id)
+                await reclaim(by_id[server_id], set(declined[server_id]))
         placed = set(writers) | {s for shares in held.values() for s in shares}
         homeless = [s for s in range(total) if s not in placed]
-    return Placement(writers, held, refusals)
+    placement = Placement(writers, held, refusals)
+    await _rebalance(grid, storage_index, upload_secret, ring, placement, errored, declined, ask, record)
+    return placement
+
+
+async def _rebalance(
+    grid: Grid,
+    storage_index: bytes,
+    upload_secret: bytes,
+    ring: list[StorageServer],
+    placement: Placement,
+    errored: set[str],
+    declined: dict[str, set[int]],
+    ask: Callable[[StorageServer, set[int]], Awaitable[AllocationResult]],
+    record: Callable[[StorageServer, Iterable[int], object], None],
+) -> None:
+    """Give servers that hold no share one from a server holding several, until happy or out of moves.
+
+    A server that declined some share numbers may take others: the usual cause is another upload of the same
+    file in progress there (a client killed mid-upload leaves its buckets for a while), which blocks only the
+    share numbers that upload had. A share being written elsewhere moves (its old bucket is aborted); one
+    already stored elsewhere is written once more.
+    """
+    while happiness(holdings := placement.holdings()) < grid.encoding.happy:
+        idle = [s for s in ring if s.server_id not in holdings and s.server_id not in errored]
+        crowded = sorted(
+            ((server_id, shnum) for server_id, shnums in holdings.items() if len(shnums) > 1 for shnum in shnums),
+            key=lambda pair: (-len(holdings[pair[0]]), pair[1]),
+        )
+        move = next(
+            (
+                (server, shnum)
+                for server in idle
+                for _, shnum in crowded
+                if shnum not in declined.get(server.server_id, set())
+            ),
+            None,
+        )
+        if move is None:
+            return
+        server, shnum = move
+        old = placement.writers.get(shnum)
+        results = await gather_per_server([server], lambda s, n=shnum: ask(s, {n}), timeout=60)
+        record(server, {shnum}, results[server.server_id])
+        if old is not None and placement.writers.get(shnum) is not old:  # moved: free the old bucket
+            await _abort(grid, storage_index, upload_secret, [old])
 
 
 async def _abort(grid: Grid, storage_index: bytes, upload_secret: bytes, writers: list[_ShareWriter]) -> None:
@@ -166,7 +233,14 @@ async def upload_immutable(grid: Grid, size: int, open_chunks: OpenChunks, *, ke
             key = await trio.to_thread.run_sync(lambda: convergent_key(open_chunks(), grid.convergence, params))
     storage_index = storage_index_hash(key)
     encoder = ChkEncoder(key, params)
-    upload_secret = os.urandom(32)
+    upload_secret = grid.upload_secret(storage_index)
+    async with grid.uploading(storage_index):  # one upload of the same file at a time: they share the secret
+        return await _upload(grid, encoder, open_chunks, size, storage_index, upload_secret)
+
+
+async def _upload(
+    grid: Grid, encoder: ChkEncoder, open_chunks: OpenChunks, size: int, storage_index: bytes, upload_secret: bytes
+) -> Cap:
     placement = await allocate_shares(grid, storage_index, encoder.share_size, upload_secret)
     try:
         _check_happiness(grid, placement, storage_index)
