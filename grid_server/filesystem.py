@@ -232,16 +232,29 @@ class GridFilesystem:
             return None
         cap = entry.cap
         inode = directory.inodes.get(name)
-        replaced = inode is not None and (inode.cap is None or inode.cap.to_string() != cap.to_string())
-        if replaced and inode.local is None and inode.opens == 0:
-            self._detach(inode)  # replaced elsewhere: a new inode for the new object
+        settled = inode is not None and inode.opens == 0 and self._settled(inode)
+        if settled and (inode.cap is None or inode.cap.to_string() != cap.to_string()):
+            self._detach(inode)  # replaced elsewhere: a new inode for the new object (its local copy goes)
             inode = None
         if inode is None:
             inode = self._new_inode(self._kind_of(cap, entry.metadata), cap, dict(entry.metadata))
             self._attach(inode, directory, name)
         elif inode.local is None:
             inode.metadata = dict(entry.metadata)
+        elif (
+            settled
+            and isinstance(cap, MutableWriteCap | MutableReadCap)
+            and inode.local_seen != directory.listing_version
+        ):
+            # A mutable file's copy is a cache of the version read then: after a re-read, read it again.
+            self._release_local(inode)
+            inode.metadata = dict(entry.metadata)
         return inode
+
+    def _settled(self, inode: Inode) -> bool:
+        """Whether the inode's local copy, if any, holds nothing the grid lacks (so it may be dropped)."""
+        local = inode.local
+        return local is None or (not local.dirty and local.writers == 0 and local.id not in self._queued)
 
     def _attach(self, inode: Inode, directory: Directory, name: str) -> None:
         inode.parent, inode.name = directory, name
@@ -593,6 +606,7 @@ class GridFilesystem:
             local.remove()
             raise
         inode.local = local
+        inode.local_seen = inode.parent.listing_version if inode.parent is not None else 0
         self.local_owners.setdefault(local.id, set()).add(inode)
         return local
 

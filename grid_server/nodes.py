@@ -38,6 +38,7 @@ class Inode:
     directory: Directory | None = None  # for directories: their state
     failure: str | None = None  # why the last upload of this inode failed
     written_ns: int | None = None  # time of a write not yet folded into `metadata` (keeps writes cheap)
+    local_seen: int = 0  # the parent's listing version when `local` was made
 
     @property
     def ready(self) -> bool:
