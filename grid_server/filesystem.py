@@ -124,6 +124,8 @@ class GridFilesystem:
         self._uploads_send, self._uploads_receive = trio.open_memory_channel[LocalFile](1 << 20)
         self._queued: set[str] = set()
         self._changed = trio.Event()
+        self._closed_unsynced: dict[str, LocalFile] = {}  # closed files whose content is not fsynced yet
+        self._closed_wanted = trio.Event()
         root_dir = self._directory(root)
         self.root = Inode(ROOT_INODE, DIRECTORY, root, {}, directory=root_dir, lookups=1)
         root_dir.inode = self.root
@@ -133,6 +135,7 @@ class GridFilesystem:
     async def start(self) -> None:
         await self._replay_journal()
         self.nursery.start_soon(self.grid.keys.keep_filled, SPARE_KEYS)
+        self.nursery.start_soon(self._fsync_closed_files)
         for _ in range(self.options.upload_workers):
             self.nursery.start_soon(self._upload_worker)
 
@@ -511,6 +514,16 @@ class GridFilesystem:
             log.info("resuming %d queued changes from the last run", len(remaining))
 
     # --- uploads ------------------------------------------------------------------------------------------
+    async def _fsync_closed_files(self) -> None:
+        """Group commit: soon after files are closed, fsync their content and the journal in a worker thread, so
+        a power loss keeps what was closed (a killed process loses nothing anyway: it is all in the kernel)."""
+        while True:
+            await self._closed_wanted.wait()
+            self._closed_wanted = trio.Event()
+            batch, self._closed_unsynced = list(self._closed_unsynced.values()), {}
+            descriptors = [local.fd for local in batch] + [self.journal.fileno()]
+            await trio.to_thread.run_sync(fsync_all, descriptors)
+
     def _queue_upload(self, local: LocalFile) -> None:
         if local.id not in self._queued:
             self._queued.add(local.id)
@@ -911,6 +924,8 @@ class GridFilesystem:
             inode.local.writers -= 1
             if inode.local.writers == 0 and inode.local.dirty:
                 self._queue_upload(inode.local)
+                self._closed_unsynced[inode.local.id] = inode.local
+                self._closed_wanted.set()
         self._maybe_drop(inode)
 
     # --- operations: directories --------------------------------------------------------------------------
@@ -1017,6 +1032,15 @@ class GridFilesystem:
         del fields.xattrs[name]
         self._set_fields(node, fields)
         self._touch(node)
+
+
+def fsync_all(descriptors: list[int]) -> None:
+    """fsync each descriptor; one closed meanwhile (its file uploaded and removed) is skipped."""
+    for fd in descriptors:
+        try:
+            os.fsync(fd)
+        except OSError:
+            continue
 
 
 def state_directory(node: NodeDirectory) -> Path:

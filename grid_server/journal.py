@@ -1,7 +1,8 @@
 """The write-back journal: an append-only file of JSON lines recording changes not yet on the grid.
 
 Each change is appended (and flushed to the kernel) before the operation that made it returns, so a killed
-process loses nothing the kernel acknowledged; `sync` adds an fsync, for `fsync` callers and power loss. A torn
+process loses nothing the kernel acknowledged; `sync` adds an fsync, for `fsync` callers, and the filesystem
+fsyncs it (with the closed files' content) shortly after every close, against power loss. A torn
 last line (the process died mid-append) is ignored on replay. When nothing is pending the journal is rewritten
 empty, so it never grows without bound. The journal holds caps: it lives under private/ (0700) and is 0600.
 """
@@ -50,6 +51,9 @@ class WriteJournal:
         if self._unsynced:
             os.fsync(self._fd)
             self._unsynced = False
+
+    def fileno(self) -> int:
+        return self._fd
 
     def rewrite(self, records: list[dict[str, Any]]) -> None:
         """Replace the journal by `records` atomically (write aside, fsync, rename)."""
