@@ -9,14 +9,13 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from lafs_core.caps import Cap, DirectoryCap, LiteralCap, MutableReadCap, MutableWriteCap
-from lafs_core.dirnode import DirEntry, child_entry, update_metadata
+from lafs_core.dirnode import DirEntry, child_entry
 from lafs_core.errors import LafsError
 from lafs_core.grid.directory import (
     Children,
@@ -25,6 +24,7 @@ from lafs_core.grid.directory import (
     NotADirectoryCapError,
     as_directory,
     create_directory,
+    linker,
     modify_directory,
     parse_location,
     read_directory,
@@ -141,22 +141,6 @@ async def _parent_directory(grid: Grid, root: Cap, components: list[str]) -> Dir
     return as_directory(cap)
 
 
-def _linker(name: str, cap: Cap, *, replace_files: bool, metadata: dict | None = None):
-    """A directory change that links `cap` as `name`, keeping link times as Tahoe does."""
-
-    def link(children: Children) -> Children:
-        old = children.get(name)
-        if old is not None and not replace_files:
-            raise ExistingChildError(f"{name!r} already exists")
-        if old is not None and isinstance(old.cap, DirectoryCap):
-            raise ExistingChildError(f"{name!r} is a directory")
-        entry = child_entry(cap, update_metadata(old.metadata if old else None, metadata, time.time()))
-        children[name] = entry
-        return children
-
-    return link
-
-
 # --- commands --------------------------------------------------------------------------------------------------
 class NoRootDirectoryError(LafsError):
     """The node directory was made, but its root directory could not be created on the grid."""
@@ -228,7 +212,7 @@ async def put_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace)
     if args.target:
         root, parents, name = _split_parent(args.target, node)
         parent = await _parent_directory(grid, root, parents)
-        await modify_directory(grid, parent, _linker(name, cap, replace_files=True))
+        await modify_directory(grid, parent, linker(name, cap, replace_files=True))
     print(cap)
     return 0
 
@@ -297,7 +281,7 @@ async def mkdir_command(grid: Grid, node: NodeDirectory, args: argparse.Namespac
     if name in children:
         raise ExistingChildError(f"{args.path} already exists")
     new = await create_directory(grid, file_format=args.format)
-    await modify_directory(grid, parent, _linker(name, new, replace_files=False))
+    await modify_directory(grid, parent, linker(name, new, replace_files=False))
     print(new)
     return 0
 
@@ -330,7 +314,7 @@ async def _link(
             raise LafsError(f"{target!r} names no entry inside a directory")
         parent, name = await _parent_directory(grid, dst_root, dst_components[:-1]), dst_components[-1]
     user_metadata = {k: v for k, v in entry.metadata.items() if k != "tahoe"}
-    await modify_directory(grid, parent, _linker(name, entry.cap, replace_files=True, metadata=user_metadata))
+    await modify_directory(grid, parent, linker(name, entry.cap, replace_files=True, metadata=user_metadata))
     return src_parent, src_name, entry
 
 

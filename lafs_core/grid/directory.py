@@ -8,10 +8,11 @@ is read again and the function applied again, so the other writer's entries are 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from ..caps import Cap, ChkCap, DirectoryCap, LiteralCap, MutableWriteCap, UnknownCap, parse_cap
-from ..dirnode import DirEntry, normalize, pack_directory, unpack_directory
+from ..dirnode import DirEntry, child_entry, normalize, pack_directory, unpack_directory, update_metadata
 from ..errors import LafsError
 from ..mutable.keys import WriterKeys
 from ..mutable.publish import UncoordinatedWriteError
@@ -92,6 +93,22 @@ async def modify_directory(grid: Grid, cap: DirectoryCap, modify: Callable[[Chil
         except UncoordinatedWriteError as exc:
             log.info("directory changed under us (attempt %d): %s; retrying", attempt + 1, exc)
     raise UncoordinatedWriteError(f"gave up after {MODIFY_ATTEMPTS} concurrent changes to the same directory")
+
+
+def linker(name: str, cap: Cap, *, replace_files: bool, metadata: dict | None = None) -> Callable[[Children], Children]:
+    """A `modify_directory` change that links `cap` as `name`, keeping link times as Tahoe does; it never
+    replaces a directory, nor a file unless `replace_files`."""
+
+    def link(children: Children) -> Children:
+        old = children.get(name)
+        if old is not None and not replace_files:
+            raise ExistingChildError(f"{name!r} already exists")
+        if old is not None and isinstance(old.cap, DirectoryCap):
+            raise ExistingChildError(f"{name!r} is a directory")
+        children[name] = child_entry(cap, update_metadata(old.metadata if old else None, metadata, time.time()))
+        return children
+
+    return link
 
 
 async def create_directory(
