@@ -119,13 +119,18 @@ def profiled(fn, path: Path):
         profile.dump_stats(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mib", type=int, default=256)
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """--servers (local GBS server processes) and the encoding --needed/--happy/--total, as every grid bench takes."""
     parser.add_argument("--servers", type=int, default=5)
     parser.add_argument("--needed", type=int, default=3)
     parser.add_argument("--happy", type=int, default=5)
     parser.add_argument("--total", type=int, default=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=256)
+    add_grid_arguments(parser)
     parser.add_argument("--no-cli", action="store_true", help="skip the `blackmatch put`/`get` timings")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="also run put and get under cProfile")
     args = parser.parse_args()

@@ -55,7 +55,7 @@ from tests.mounting import Mount, fuse_unavailable, wipe_cache
 from tests.storage_cluster import StorageCluster
 
 from .bench_codec import MB, timed
-from .bench_grid import CpuClock, sha256_of
+from .bench_grid import CpuClock, add_grid_arguments, sha256_of
 
 MiB = 1 << 20
 SMALL_FILE_SIZE = 4096
@@ -335,10 +335,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--small-files", type=int, default=1000)
     parser.add_argument("--entries", type=int, default=10000)
-    parser.add_argument("--servers", type=int, default=5)
-    parser.add_argument("--needed", type=int, default=3)
-    parser.add_argument("--happy", type=int, default=5)
-    parser.add_argument("--total", type=int, default=10)
+    add_grid_arguments(parser)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where to work (local disk)")
     args = parser.parse_args()
     modes = ["no-split"]

@@ -33,12 +33,6 @@ NEEDED, HAPPY, TOTAL = 3, 5, 10
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageCluster]:
-    with StorageCluster(tmp_path_factory.mktemp("cluster"), 5) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def node(cluster: StorageCluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(cluster.create_node(tmp_path_factory.mktemp("client") / "node", NEEDED, HAPPY, TOTAL))
 

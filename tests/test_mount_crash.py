@@ -65,12 +65,6 @@ def logged(log_path: Path) -> dict[str, str]:
     return {name: state for state, name in (line.split(" ", 1) for line in lines)}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with StorageCluster(tmp_path_factory.mktemp("cluster"), 5) as running:
-        yield running
-
-
 def test_kill_9_mid_copy_then_remount(cluster: StorageCluster, tmp_path: Path) -> None:
     node = cluster.create_node(tmp_path / "node", 3, 5, 10)
     source = tmp_path / "source"

@@ -197,11 +197,14 @@ class Run:
         os.mkdir(self.root / path)
         self.model.directories.add(path)
 
-    def rmdir(self) -> None:
+    def subdirectory(self) -> str | None:
         candidates = sorted(d for d in self.model.directories if d not in TOP_DIRECTORIES)
-        if not candidates:
+        return self.rng.choice(candidates) if candidates else None
+
+    def rmdir(self) -> None:
+        path = self.subdirectory()
+        if path is None:
             return
-        path = self.rng.choice(candidates)
         self.log.append(f"rmdir {path}")
         if self.model.children(path):
             with pytest.raises(OSError) as info:
@@ -212,10 +215,9 @@ class Run:
             self.model.directories.discard(path)
 
     def rename_directory(self) -> None:
-        candidates = sorted(d for d in self.model.directories if d not in TOP_DIRECTORIES)
-        if not candidates:
+        source = self.subdirectory()
+        if source is None:
             return
-        source = self.rng.choice(candidates)
         target = f"{self.rng.choice(TOP_DIRECTORIES)}/{self.rng.choice(SUBDIRECTORY_NAMES)}"
         if target in self.model.directories:
             return
@@ -262,12 +264,6 @@ class Run:
         operation = self.rng.choices([op for op, _ in operations], weights=[w for _, w in operations])[0]
         operation()
         self.count += 1
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with StorageCluster(tmp_path_factory.mktemp("cluster"), 5) as running:
-        yield running
 
 
 def test_random_operations_match_the_model(cluster: StorageCluster, tmp_path: Path) -> None:

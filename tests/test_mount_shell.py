@@ -42,12 +42,6 @@ def make_tree(root: Path, files: int, seed: int = 1) -> None:
     (root / "dangling").symlink_to("does/not/exist")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with StorageCluster(tmp_path_factory.mktemp("cluster"), 5) as running:
-        yield running
-
-
 def test_shell_tools_on_the_mount(cluster: StorageCluster, tmp_path: Path) -> None:
     node = cluster.create_node(tmp_path / "node", 3, 5, 10)
     source = tmp_path / "source"

@@ -1,0 +1,15 @@
+"""Fixtures shared by the test modules that need real storage-server processes."""
+
+from collections.abc import Iterator
+
+import pytest
+
+from .storage_cluster import StorageCluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageCluster]:
+    """Five `blackmatch storage run` processes on loopback, one set per test module (some modules stop and
+    restart servers)."""
+    with StorageCluster(tmp_path_factory.mktemp("cluster"), 5) as running:
+        yield running
