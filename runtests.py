@@ -3,35 +3,85 @@
 
     ./runtests.py                   everything, the interoperability tier with real Tahoe-LAFS 1.20.0 included
     ./runtests.py --skip-interop    all but that tier (it installs Tahoe into .venv-tahoe and runs a Tahoe grid)
+    ./runtests.py --mode split      the filesystem tests in one mode only (split or no-split)
     ./runtests.py -k caps           other arguments go to pytest
 
-Exit status is pytest's, except that a run which collected no tests fails: an empty run proves nothing.
+The suite runs in parts: first every test that does not mount, then the filesystem tests (marked `mount`) once
+per mode, `split` (the FUSE shim and a grid server daemon) and `no-split` (one process), chosen by the
+environment variable BLACKMATCH_MOUNT_MODE. Each part's results are reported, and a summary at the end.
+
+Exit status is 0 when every part passed. A run in which no part collected a test fails: an empty run proves
+nothing.
 """
 
+import os
 import subprocess
 import sys
+import tempfile
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
 
 import bootstrap
 
 NO_TESTS_COLLECTED = 5
+MODES = ("split", "no-split")
+
+
+def take_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    if name not in argv:
+        return argv, None
+    index = argv.index(name)
+    if index + 1 >= len(argv):
+        sys.exit(f"runtests: {name} needs a value")
+    return argv[:index] + argv[index + 2 :], argv[index + 1]
+
+
+def counts(junit: Path) -> str:
+    """'N passed, M failed, ...' from pytest's JUnit XML report."""
+    try:
+        suite = ElementTree.parse(junit).getroot()
+    except (OSError, ElementTree.ParseError):
+        return "no report"
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, failures, errors, skipped = (int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped"))
+    parts = [f"{total - failures - errors - skipped} passed"]
+    parts += [f"{n} {what}" for n, what in ((failures, "failed"), (errors, "errors"), (skipped, "skipped")) if n]
+    return ", ".join(parts)
 
 
 def main(argv: list[str]) -> int:
     python = bootstrap.ensure_all()
     bootstrap.ensure_debian_packages(bootstrap.TEST_DEBIAN_PACKAGES)
+    argv, mode = take_option(argv, "--mode")
+    if mode is not None and mode not in MODES:
+        sys.exit(f"runtests: --mode must be one of {', '.join(MODES)}")
     if "--skip-interop" in argv:
         argv = [arg for arg in argv if arg != "--skip-interop"]
-        selection = ["-m", "not interop"]
+        interop = " and not interop"
     else:
         bootstrap.ensure_tahoe_venv()  # before pytest starts, so an install failure is reported as such
-        selection = []
-    command = [str(python), "-m", "pytest", *selection, *argv]
-    bootstrap.log("running: " + " ".join(command[1:]))
-    status = subprocess.run(command, cwd=bootstrap.ROOT, check=False).returncode
-    if status == NO_TESTS_COLLECTED:
+        interop = ""
+    parts = [] if mode else [("tests that do not mount", f"not mount{interop}", None)]
+    parts += [(f"filesystem tests, {each}", f"mount{interop}", each) for each in MODES if mode in (None, each)]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="blackmatch-runtests-") as reports:
+        for number, (title, selection, each_mode) in enumerate(parts):
+            junit = Path(reports) / f"part{number}.xml"
+            command = [str(python), "-m", "pytest", "-m", selection, f"--junitxml={junit}", *argv]
+            env = dict(os.environ)
+            if each_mode is not None:
+                env["BLACKMATCH_MOUNT_MODE"] = each_mode
+            bootstrap.log(f"{title}: " + " ".join(command[1:]))
+            status = subprocess.run(command, cwd=bootstrap.ROOT, env=env, check=False).returncode
+            results.append((title, status, counts(junit) if status != NO_TESTS_COLLECTED else "no tests"))
+    print("\nruntests summary:")
+    for title, status, summary in results:
+        verdict = "ok" if status in (0, NO_TESTS_COLLECTED) else f"FAILED (pytest status {status})"
+        print(f"  {title}: {summary}: {verdict}")
+    if all(status == NO_TESTS_COLLECTED for _, status, _ in results):
         print("runtests: no tests were collected; that is a failure", file=sys.stderr)
         return 1
-    return status
+    return max((status for _, status, _ in results if status != NO_TESTS_COLLECTED), default=0)
 
 
 if __name__ == "__main__":

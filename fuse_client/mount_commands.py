@@ -14,8 +14,10 @@ finishing stops it at once; what was not uploaded yet stays queued on disk and g
 `unmount` runs `fusermount3 -u MOUNTPOINT` and waits until the serving process has exited, so that when it returns
 every write is on the grid.
 
-How the filesystem is reached is a parameter (`Transport`): this version serves it in the mounting process
-(`--no-split`); the split into a separate grid server plugs in as another transport.
+How the filesystem is reached is a parameter (`Transport`). By default the process is only the FUSE shim: it
+forwards every operation over the RPC socket to the node directory's grid server (started first if none runs;
+grid_server_process.py), and unmounting waits until that server has put this mount's changes on the grid. With
+`--no-split` the filesystem runs in the mounting process itself.
 """
 
 from __future__ import annotations
@@ -27,13 +29,11 @@ import hashlib
 import logging
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -47,8 +47,11 @@ from lafs_core.caps import ChkVerifierCap, DirectoryCap, MutableVerifierCap, par
 from lafs_core.errors import LafsError
 from lafs_core.grid.nodedir import NodeDirectory
 
+from .background import configure_logging, start_daemon
 from .grid_commands import create_node
+from .grid_server_process import ensure_grid_server
 from .node_options import DEFAULT_NODE_DIRECTORY, add_node_directory_option
+from .rpc_client import open_rpc_operations
 from .shim import FuseShim
 
 log = logging.getLogger("blackmatch.mount")
@@ -57,8 +60,6 @@ FSNAME = "blackmatch"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 READY_TIMEOUT = 300.0  # seconds `mount` waits for the background process to have mounted
 UNMOUNT_TIMEOUT = 600.0  # default seconds `unmount` waits for the serving process to finish its uploads
-LOG_TAIL_LINES = 20
-LOG_ROTATE_BYTES = 8 << 20
 
 
 class MountError(LafsError):
@@ -167,14 +168,31 @@ def in_process_transport(node: NodeDirectory, root_cap: str, settings: Filesyste
     return lambda: open_filesystem(node, root_cap, options)
 
 
+def split_transport(node: NodeDirectory, root_cap: str, settings: FilesystemSettings) -> OperationsOpener:
+    """The node directory's grid server (found, or started now), reached over its RPC socket. The mount's
+    connection is its keepalive: the server lives while some mount is connected."""
+    socket_path = ensure_grid_server(node, settings.cache_size)
+
+    def note_settings(in_effect: dict[str, float | int]) -> None:
+        for name, asked in settings.given().items():
+            if in_effect.get(name) != asked:
+                log.warning(
+                    "the grid server already runs with %s %s for this node directory; it stays so until it exits",
+                    name.replace("_", "-"),
+                    in_effect.get(name),
+                )
+
+    return lambda: open_rpc_operations(socket_path, root_cap, settings.given(), note_settings, _connection_lost)
+
+
+def _connection_lost(reason: str) -> None:
+    log.error("%s; unmounting", reason)
+    with contextlib.suppress(Exception):
+        pyfuse3.terminate()
+
+
 def choose_transport(split: bool) -> Transport:
-    if split:
-        print(
-            "blackmatch: note: a separate grid server is not available yet; serving in the mount process "
-            "(as with --no-split)",
-            file=sys.stderr,
-        )
-    return in_process_transport
+    return split_transport if split else in_process_transport
 
 
 # --- mounts, as the kernel lists them --------------------------------------------------------------------------
@@ -463,7 +481,7 @@ def _unmount_hint(plan: MountPlan) -> str:
 
 
 def serve_foreground(plan: MountPlan) -> int:
-    _configure_logging()
+    configure_logging()
 
     def ready() -> None:
         print(f"Mounted {plan.what} on {plan.mountpoint}; Ctrl-C or `{_unmount_hint(plan)}` unmounts", flush=True)
@@ -472,111 +490,23 @@ def serve_foreground(plan: MountPlan) -> int:
 
 
 def serve_in_background(plan: MountPlan) -> int:
-    log_path = log_file(plan.node, plan.mountpoint)
-    with contextlib.suppress(OSError):
-        if log_path.stat().st_size > LOG_ROTATE_BYTES:
-            os.replace(log_path, log_path.with_name(log_path.name + ".1"))
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    log_start = os.fstat(log_fd).st_size
-    ready_read, ready_write = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the serving process
-        status = 1
-        try:
-            os.close(ready_read)
-            os.setsid()
-            os.chdir("/")
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(devnull, 0)
-            os.close(devnull)
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            os.close(log_fd)
-            _configure_logging()
-
-            def ready() -> None:
-                with contextlib.suppress(OSError):  # the mount command went away: serve anyway
-                    os.write(ready_write, b"ready\n")
-                    os.close(ready_write)
-
-            status = run_server(plan, ready)
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                traceback.print_exc()
-        finally:
-            with contextlib.suppress(BaseException):
-                logging.shutdown()
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(status)
-
-    os.close(ready_write)
-    os.close(log_fd)
-    try:
-        outcome = _wait_until_ready(ready_read, pid)
-    except KeyboardInterrupt:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-        raise
-    finally:
-        os.close(ready_read)
-    if outcome == "ready" and find_mount(plan.mountpoint) is not None:
-        print(f"Mounted {plan.what} on {plan.mountpoint} (pid {pid}; log {log_path})")
+    outcome = start_daemon(
+        log_file(plan.node, plan.mountpoint), lambda report: run_server(plan, lambda: report("ready")), READY_TIMEOUT
+    )
+    if outcome.word == "ready" and find_mount(plan.mountpoint) is not None:
+        print(f"Mounted {plan.what} on {plan.mountpoint} (pid {outcome.pid}; log {outcome.log_path})")
         print(f"Unmount with: {_unmount_hint(plan)}")
         return 0
-    if outcome == "timeout":
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
+    if outcome.word == "timeout":
         problem = f"{plan.mountpoint} was not mounted after {READY_TIMEOUT:g} s; stopped the attempt"
-    elif outcome == "ready":
+    elif outcome.word == "ready":
         problem = f"the background process reported ready, but {plan.mountpoint} is not mounted"
     else:
-        problem = f"mounting {plan.mountpoint} failed ({outcome})"
-    print(f"blackmatch: error: {problem}; log: {log_path}", file=sys.stderr)
-    for line in _log_tail(log_path, log_start):
+        problem = f"mounting {plan.mountpoint} failed (the background process ended)"
+    print(f"blackmatch: error: {problem}; log: {outcome.log_path}", file=sys.stderr)
+    for line in outcome.log_tail():
         print(f"  {line}", file=sys.stderr)
     return 1
-
-
-def _wait_until_ready(ready_read: int, pid: int) -> str:
-    """ "ready", "timeout", or how the background process ended."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    received = b""
-    while (remaining := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select([ready_read], [], [], min(remaining, 1.0))
-        if not readable:
-            continue
-        chunk = os.read(ready_read, 64)
-        received += chunk
-        if b"ready" in received:
-            return "ready"
-        if not chunk:
-            _, status = os.waitpid(pid, 0)
-            if os.WIFSIGNALED(status):
-                return f"the background process was killed by signal {os.WTERMSIG(status)}"
-            return f"the background process exited with status {os.waitstatus_to_exitcode(status)}"
-    return "timeout"
-
-
-def _log_tail(path: Path, start: int) -> list[str]:
-    try:
-        with open(path, "rb") as log_handle:
-            log_handle.seek(start)
-            text = log_handle.read().decode("utf-8", "replace")
-    except OSError:
-        return []
-    return text.splitlines()[-LOG_TAIL_LINES:]
-
-
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
 
 
 def run_server(plan: MountPlan, ready: Callable[[], None]) -> int:

@@ -45,13 +45,13 @@ from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid, gather_per_server
 from lafs_core.grid.mutable_io import overwrite, retrieve
 from lafs_core.grid.nodedir import NodeDirectory
-from lafs_core.grid.servers import open_grid
 from lafs_core.grid.upload import file_chunks, upload_immutable
 from lafs_core.immutable.params import LIT_THRESHOLD
 
 from .journal import WriteJournal
 from .local_files import LocalFile, LocalFiles
 from .metadata import PosixFields, file_type, posix_fields, with_posix_fields
+from .node_state import NodeState, open_node_state
 from .nodes import DIRECTORY, FILE, REMOVED, SYMLINK, Directory, Inode
 from .operations import (
     RENAME_EXCHANGE,
@@ -74,7 +74,6 @@ CAP_XATTR, READCAP_XATTR = "user.tahoe.cap", "user.tahoe.readcap"
 READDIR_BATCH = 512
 PUBLISH_COALESCE = 0.05  # seconds a directory waits for more changes before it publishes
 PUBLISH_RETRY = 2.0
-SPARE_KEYS = 4  # RSA keys kept ready for mkdir (each takes ~50 ms of CPU to make)
 NAME_MAX = 255
 BLOCK = 4096
 
@@ -134,7 +133,6 @@ class GridFilesystem:
     # --- start, drain, close -------------------------------------------------------------------------------
     async def start(self) -> None:
         await self._replay_journal()
-        self.nursery.start_soon(self.grid.keys.keep_filled, SPARE_KEYS)
         self.nursery.start_soon(self._fsync_closed_files)
         for _ in range(self.options.upload_workers):
             self.nursery.start_soon(self._upload_worker)
@@ -145,20 +143,25 @@ class GridFilesystem:
         for inode in list(self.inodes.values()):
             if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
                 self._queue_upload(inode.local)
-        while self._outstanding():
+        while self.outstanding():
             for directory in self.directories.values():
                 if directory.pending:
                     directory.request_publish(urgent=True)
-            self._changed = trio.Event()
+            changed = self._changed  # several drains may wait at once: each on the event current now
             with trio.move_on_after(give_up_after) as waited:
-                await self._changed.wait()
+                await changed.wait()
             if waited.cancelled_caught:
-                left = self._outstanding()
+                left = self.outstanding()
                 log.warning("unmounting with %d changes still queued; they resume on the next mount", left)
                 return False
         return True
 
-    def _outstanding(self) -> int:
+    def _note_progress(self) -> None:
+        """Wake every drain waiting now; later ones wait for the next progress."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def outstanding(self) -> int:
         pending = sum(len(d.pending) for d in self.directories.values())
         return pending + len(self._queued)
 
@@ -414,7 +417,7 @@ class GridFilesystem:
                 await self._publish(directory, batch)
             done, directory.round_done = directory.round_done, trio.Event()
             done.set()
-            self._changed.set()
+            self._note_progress()
             if not directory.pending:
                 self._maybe_compact()
 
@@ -534,7 +537,7 @@ class GridFilesystem:
             self._queued.discard(local.id)
             if local.writers == 0 and local.dirty:
                 await self._upload(local)
-            self._changed.set()
+            self._note_progress()
 
     async def _upload(self, local: LocalFile) -> None:
         """Upload the local file's current content and give its owners the new cap."""
@@ -1043,38 +1046,31 @@ def fsync_all(descriptors: list[int]) -> None:
             continue
 
 
-def state_directory(node: NodeDirectory) -> Path:
-    """`NODEDIR/private/blackmatch`: the journal, local files and the read cache (0700)."""
-    path = node.private / "blackmatch"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
 @asynccontextmanager
-async def open_filesystem(
-    node: NodeDirectory, root_cap: str, options: FilesystemOptions
-) -> AsyncIterator[GridFilesystem]:
-    """The filesystem over the node's grid, rooted at `root_cap`; on exit it drains the write-back queue."""
+async def open_root(state: NodeState, root_cap: str, options: FilesystemOptions) -> AsyncIterator[GridFilesystem]:
+    """The filesystem rooted at `root_cap`, over a node state some other roots may share; on exit it drains the
+    write-back queue (what does not make it stays in the journal for the next start)."""
     try:
         root = parse_cap(root_cap, allow_prefixes=True)
     except LafsError as exc:
         raise DirectoryError(f"the root is not a valid cap: {exc}") from None
     if not isinstance(root, DirectoryCap):
         raise DirectoryError("the root cap is not a directory")
-    grid = open_grid(node)
-    if not grid.servers:
-        raise LafsError(f"{node.path} configures no storage servers blackmatch can use")
-    state = state_directory(node)
-    try:
-        async with ReadCache(state / "cache", grid, options.cache_size) as cache, trio.open_nursery() as nursery:
-            filesystem = GridFilesystem(grid, root, options, state, nursery, cache)
+    async with trio.open_nursery() as nursery:
+        filesystem = GridFilesystem(state.grid, root, options, state.root_directory(root), nursery, state.read_cache)
+        try:
             await filesystem.start()
-            try:
-                yield filesystem
-                await filesystem.drain()
-            finally:
-                nursery.cancel_scope.cancel()
-                filesystem.close()
-    finally:
-        await grid.aclose()
+            yield filesystem
+            await filesystem.drain()
+        finally:
+            nursery.cancel_scope.cancel()
+            filesystem.close()
+
+
+@asynccontextmanager
+async def open_filesystem(
+    node: NodeDirectory, root_cap: str, options: FilesystemOptions
+) -> AsyncIterator[GridFilesystem]:
+    """One root of a node directory, alone in this process (`--no-split`, tests)."""
+    async with open_node_state(node, options.cache_size) as state, open_root(state, root_cap, options) as filesystem:
+        yield filesystem

@@ -1,12 +1,16 @@
 """Mounting for tests: the real `blackmatch mount` command line, daemonizing, and a cleanup that never leaves a mount.
 
-    with Mount(node_dir, mountpoint) as mount:      # blackmatch mount MOUNTPOINT -d NODEDIR --no-split
+    with Mount(node_dir, mountpoint) as mount:      # blackmatch mount MOUNTPOINT -d NODEDIR [--no-split]
         (mountpoint / "f").write_bytes(b"...")
-    # here `blackmatch unmount` has returned and the serving process is gone (asserted)
+    # here `blackmatch unmount` has returned and the serving process is gone (asserted); in split mode the
+    # grid server is gone too once no other Mount of the node directory is open (asserted, within 10 s)
+
+The mode is the environment's BLACKMATCH_MOUNT_MODE, `split` (the default, as for users) or `no-split`:
+runtests.py runs every test marked `mount` (the `requires_fuse` decorator marks them) once in each mode.
 
 If the test body fails, or mount or unmount does, the exit still lazily unmounts (`fusermount3 -u -z`) and
-SIGKILLs the serving process, so a failing test leaves nothing mounted. `kill_mount(mount)` is kill -9 for
-crash tests; `wipe_cache(node_dir)` forgets everything downloaded.
+SIGKILLs the serving process (and a grid server left behind), so a failing test leaves nothing mounted.
+`kill_mount(mount)` is kill -9 for crash tests; `wipe_cache(node_dir)` forgets everything downloaded.
 """
 
 from __future__ import annotations
@@ -18,16 +22,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from fuse_client.mount_commands import canonical_mountpoint, find_mount, log_file, pid_file, process_alive
+from grid_server.server_files import ServerFiles
 from lafs_core.grid.nodedir import NodeDirectory
 
 ROOT = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT = 120.0
 UNMOUNT_TIMEOUT = 300.0
 EXIT_TIMEOUT = 10.0
+MODES = ("split", "no-split")
+MODE = os.environ.get("BLACKMATCH_MOUNT_MODE", "split")
+if MODE not in MODES:
+    raise RuntimeError(f"BLACKMATCH_MOUNT_MODE must be one of {MODES}, not {MODE!r}")
 
 
 def blackmatch(*args: str, timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
@@ -52,7 +62,28 @@ def fuse_unavailable() -> str | None:
     return None
 
 
-requires_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+
+
+# A filesystem test mounts, is skipped without FUSE, and runtests.py runs it in both modes: `pytestmark =
+# MOUNT_MARKS` for a module of them, `@requires_fuse` for one.
+MOUNT_MARKS = [pytest.mark.mount, needs_fuse]
+
+
+def requires_fuse(test):
+    return pytest.mark.mount(needs_fuse(test))
+
+
+def mode_args(split: bool | None = None) -> list[str]:
+    """The `blackmatch mount` arguments for a mode (None: this run's MODE)."""
+    split = MODE == "split" if split is None else split
+    return [] if split else ["--no-split"]
+
+
+def server_pid(node_dir: Path) -> int | None:
+    """The pid of the node directory's grid server, if one is alive."""
+    pid = read_pid(ServerFiles.of(NodeDirectory(node_dir)).pid)
+    return pid if pid is not None and process_alive(pid) else None
 
 
 def lazy_unmount(mountpoint: Path) -> None:
@@ -79,11 +110,13 @@ def read_pid(path: Path) -> int | None:
 class Mount:
     """`blackmatch mount MOUNTPOINT -d NODEDIR [--no-split] EXTRA...` for the length of a `with` block."""
 
-    def __init__(self, node_dir: Path, mountpoint: Path, *extra_args: str, split: bool = False) -> None:
-        self.node_dir = Path(node_dir)
+    open_mounts: ClassVar[dict[Path, int]] = {}  # node directory -> Mounts of it inside a `with` block
+
+    def __init__(self, node_dir: Path, mountpoint: Path, *extra_args: str, split: bool | None = None) -> None:
+        self.node_dir = Path(node_dir).absolute()
         self.requested = Path(mountpoint)
         self.extra_args = extra_args
-        self.split = split
+        self.split = MODE == "split" if split is None else split
         self.mountpoint = self.requested
         self.pid: int | None = None
         self.killed = False
@@ -110,9 +143,8 @@ class Mount:
     def __enter__(self) -> Mount:
         self.requested.mkdir(parents=True, exist_ok=True)
         self.mountpoint = canonical_mountpoint(self.requested)
-        args = ["mount", str(self.requested), "-d", str(self.node_dir), *self.extra_args]
-        if not self.split:
-            args.append("--no-split")
+        args = ["mount", str(self.requested), "-d", str(self.node_dir), *self.extra_args, *mode_args(self.split)]
+        Mount.open_mounts[self.node_dir] = Mount.open_mounts.get(self.node_dir, 0) + 1
         try:
             self.mount_result = blackmatch(*args, timeout=MOUNT_TIMEOUT)
         except BaseException:
@@ -134,6 +166,9 @@ class Mount:
                 problem = self.unmount()
         finally:
             self.cleanup()
+        if problem is None and self.split and not self.killed and Mount.open_mounts.get(self.node_dir, 0) == 0:
+            problem = self.server_problem
+        self.server_problem = None
         if problem is not None and exc_type is None:
             raise AssertionError(f"{problem}\nlog:\n{self.log()[-4000:]}")
         return False
@@ -152,21 +187,35 @@ class Mount:
             return f"the serving process {self.pid} is still alive after blackmatch unmount returned"
         return None
 
+    server_problem: str | None = None
+
     def cleanup(self) -> None:
-        """Leave nothing behind, whatever state things are in: no mount, no serving process."""
+        """Leave nothing behind, whatever state things are in: no mount, no serving process, and no grid server
+        once the last Mount of the node directory is done (it must have exited by itself within 10 s)."""
         lazy_unmount(self.mountpoint)
         pid = self.pid or read_pid(self.pid_file)
         if pid is not None and process_alive(pid):
             os.kill(pid, signal.SIGKILL)
             wait_until_gone(pid)
         lazy_unmount(self.mountpoint)
+        left = Mount.open_mounts.get(self.node_dir, 1) - 1
+        Mount.open_mounts[self.node_dir] = left
+        server = server_pid(self.node_dir)
+        if left == 0 and server is not None and not wait_until_gone(server, EXIT_TIMEOUT):
+            self.server_problem = f"the grid server (pid {server}) did not exit within {EXIT_TIMEOUT:g} s"
+            os.kill(server, signal.SIGKILL)
+            wait_until_gone(server)
 
 
 def kill_mount(mount: Mount) -> None:
-    """kill -9 the serving process, then lazily unmount the dead mount it leaves (as a crash would)."""
+    """kill -9 the serving process, and in split mode the grid server with it (a crash of the machine, as far as
+    blackmatch can tell), then lazily unmount the dead mount they leave."""
     assert mount.pid is not None, "no serving process known"
-    os.kill(mount.pid, signal.SIGKILL)
-    assert wait_until_gone(mount.pid), f"process {mount.pid} survived SIGKILL"
+    server = server_pid(mount.node_dir) if mount.split else None
+    for pid in (mount.pid, server):
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            assert wait_until_gone(pid), f"process {pid} survived SIGKILL"
     lazy_unmount(mount.mountpoint)
     mount.killed = True
 

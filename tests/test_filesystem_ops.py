@@ -88,7 +88,7 @@ def test_create_write_fsync_reaches_the_grid(node):
         # The kernel forgets them: the local copies go, reads come from the grid.
         await fs.forget([(inode, 1), (small, 2)])
         assert inode not in fs.inodes, fs.inodes[inode]
-        assert not any((node[0].private / "blackmatch" / "files").iterdir())
+        assert not any(fs.local_files.directory.iterdir())
         again = await fs.lookup(ROOT_INODE, "big.bin")
         assert again.inode != inode and await read_file(fs, again.inode) == data
         fh = await fs.open(again.inode, os.O_RDONLY)
@@ -182,7 +182,8 @@ def test_journal_resumes_what_a_killed_process_left(node):
                 scope.cancel()
 
     trio.run(interrupted)
-    assert (node[0].private / "blackmatch" / "journal").stat().st_size > 0
+    (journal,) = (node[0].private / "blackmatch" / "roots").glob("*/journal")
+    assert journal.stat().st_size > 0
 
     async def body(fs: GridFilesystem) -> None:
         assert await fs.drain()

@@ -25,7 +25,17 @@ from fuse_client.mount_commands import (
     process_alive,
 )
 
-from .mounting import ROOT, Mount, blackmatch, kill_mount, lazy_unmount, read_pid, requires_fuse, wait_until_gone
+from .mounting import (
+    ROOT,
+    Mount,
+    blackmatch,
+    kill_mount,
+    lazy_unmount,
+    mode_args,
+    read_pid,
+    requires_fuse,
+    wait_until_gone,
+)
 from .shared_data import sample_caps
 
 HAVE_FILESYSTEM = (ROOT / "grid_server" / "filesystem.py").exists()
@@ -158,11 +168,10 @@ def test_mount_write_unmount_remount(tmp_path):
 
 @requires_fuse
 @requires_filesystem
-def test_mount_refuses_a_mounted_mountpoint_and_split_falls_back(tmp_path):
+def test_mount_refuses_a_mounted_mountpoint(tmp_path):
     node, mountpoint = tmp_path / "node", tmp_path / "mnt"
-    with Mount(node, mountpoint, split=True) as mount:
-        assert "not available yet" in mount.mount_result.stderr  # the one note about split mode
-        line = one_line_error(blackmatch("mount", str(mountpoint), "-d", str(node), "--no-split"))
+    with Mount(node, mountpoint):
+        line = one_line_error(blackmatch("mount", str(mountpoint), "-d", str(node), *mode_args()))
         assert "already mounted" in line
 
 
@@ -174,7 +183,7 @@ def test_foreground_mount_stops_on_sigterm_and_keeps_what_was_written(tmp_path):
     node, mountpoint = tmp_path / "node", tmp_path / "mnt"
     mountpoint.mkdir()
     assert blackmatch("create-node", str(node)).returncode == 0
-    command = ["mount", str(mountpoint), "-d", str(node), "--no-split", "--foreground"]
+    command = ["mount", str(mountpoint), "-d", str(node), *mode_args(), "--foreground"]
     process = subprocess.Popen(
         [sys.executable, "-m", "fuse_client.cli", *command],
         cwd=ROOT,

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from .mounting import Mount, fuse_unavailable, wipe_cache
+from .mounting import MOUNT_MARKS, Mount, wipe_cache
 from .storage_cluster import StorageCluster, blackmatch
 
-pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+pytestmark = MOUNT_MARKS
 
 SEED = int(os.environ.get("BLACKMATCH_MODEL_SEED", "20261121"))
 OPERATIONS = int(os.environ.get("BLACKMATCH_MODEL_OPS", "10000"))

@@ -12,12 +12,10 @@ import random
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from .mounting import Mount, fuse_unavailable, wipe_cache
+from .mounting import MOUNT_MARKS, Mount, wipe_cache
 from .storage_cluster import StorageCluster, blackmatch
 
-pytestmark = pytest.mark.skipif(fuse_unavailable() is not None, reason=fuse_unavailable() or "")
+pytestmark = MOUNT_MARKS
 
 
 DIFF = "diff -r --no-dereference"  # symlinks compared as links: the tree has a dangling one

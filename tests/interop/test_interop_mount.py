@@ -37,7 +37,7 @@ import pytest
 import bootstrap
 from lafs_core.grid.nodedir import NodeDirectory
 
-from ..mounting import Mount, requires_fuse
+from ..mounting import MOUNT_MARKS, Mount
 from .tahoe_grid import TahoeGrid
 from .test_interop import (
     HAPPY,
@@ -56,7 +56,7 @@ from .test_interop import (
     web_put,
 )
 
-pytestmark = [pytest.mark.interop, requires_fuse]
+pytestmark = [pytest.mark.interop, *MOUNT_MARKS]
 
 CACHE_TIMEOUT = 2.0
 VISIBLE_WITHIN = CACHE_TIMEOUT + 8.0  # seconds: the cache timeout, plus a margin for a loaded machine

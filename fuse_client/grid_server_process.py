@@ -1,0 +1,88 @@
+"""Finding the grid server of a node directory, or starting it: what `blackmatch mount` does before it mounts.
+
+A server answers the handshake on `NODEDIR/private/blackmatch/server.sock`. If nothing answers (no server, or a
+socket a crash left behind: connecting to it is refused), the mount starts one as a daemon (background.py) and
+waits until it says it is ready. A server that is just shutting down (its last mount went) still holds the
+server lock, so the new one says "busy": the mount waits and tries again until SERVER_START_TIMEOUT. If the server
+cannot start, the error gives the server log's path and its last lines.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from grid_server.rpc_wire import FrameReader, ProtocolError, check_hello, encode_frame, hello
+from grid_server.server_files import ServerFiles, socket_address
+from lafs_core.errors import LafsError
+from lafs_core.grid.nodedir import NodeDirectory
+
+from .background import Report, start_daemon
+
+SERVER_START_TIMEOUT = 120.0
+HANDSHAKE_TIMEOUT = 10.0
+RETRY_PAUSE = 0.2
+
+
+class ServerStartError(LafsError):
+    """The grid server is not there and could not be started; the message says where its log is."""
+
+
+def server_answers(socket_path: Path) -> bool:
+    """Whether a grid server of this protocol version answers on `socket_path` (a blocking handshake).
+    A server of another version is an error, not an absence: starting a second one beside it cannot work."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            with socket_address(socket_path) as address:
+                sock.connect(address)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        reader = FrameReader()
+        try:
+            sock.sendall(encode_frame(hello()))
+            frames: list = []
+            while not frames:
+                data = sock.recv(65536)
+                if not data:
+                    return False  # the server closed: it is on its way out
+                frames = reader.feed(data)
+        except (ConnectionError, TimeoutError):
+            return False
+        answer = frames[0].message
+        try:
+            if "error" in answer:
+                raise ProtocolError(answer["error"].get("message", "refused"))
+            check_hello(answer)
+        except ProtocolError as exc:
+            raise ServerStartError(f"the grid server on {socket_path} refuses this client: {exc}") from None
+        return True
+
+
+def ensure_grid_server(node: NodeDirectory, cache_size: int | None) -> Path:
+    """The socket of the node's grid server, started (with this cache size) if none runs."""
+    files = ServerFiles.of(node)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while True:
+        if server_answers(files.socket):
+            return files.socket
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerStartError(f"the grid server did not start within {SERVER_START_TIMEOUT:g} s; log: {files.log}")
+        outcome = start_daemon(files.log, lambda report: _run_server(node, cache_size, report), remaining)
+        if outcome.word in ("ready", "busy"):
+            if outcome.word == "busy":
+                time.sleep(RETRY_PAUSE)
+            continue
+        problem = "did not get ready in time" if outcome.word == "timeout" else "failed to start"
+        lines = "".join(f"\n  {line}" for line in outcome.log_tail())
+        raise ServerStartError(f"the grid server {problem}; log: {files.log}{lines}")
+
+
+def _run_server(node: NodeDirectory, cache_size: int | None, report: Report) -> int:
+    """In the daemon: the server itself (imported here, so the mounting process never loads the grid code)."""
+    from grid_server.filesystem import FilesystemOptions
+    from grid_server.service import run_grid_server
+
+    return run_grid_server(node, cache_size if cache_size is not None else FilesystemOptions.cache_size, report)

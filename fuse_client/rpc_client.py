@@ -1,0 +1,206 @@
+"""The shim's side of the RPC socket: the filesystem operations (grid_server/operations.py) as calls to the grid
+server, many in flight on one connection (the wire format is in grid_server/rpc_wire.py, the methods in
+grid_server/rpc_methods.py).
+
+`RpcOperations` has one method per operation, made from the method table, so the shim cannot tell it from an
+in-process filesystem. A failed call raises `FsError` with the server's errno and message. If the connection
+ends while the mount is up (the server died), every waiting call fails with ENOTCONN and `lost` is set, which
+the mount takes as the end of the filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from grid_server.operations import FsError
+from grid_server.rpc_methods import METHODS, Method
+from grid_server.rpc_wire import FrameReader, ProtocolError, check_hello, encode_frame, hello, request
+from grid_server.server_files import socket_address
+
+log = logging.getLogger("blackmatch.rpc")
+
+RECEIVE_BYTES = 256 * 1024
+
+
+class ServerUnavailable(Exception):
+    """Nothing answers on the socket (no server, or a stale socket a crash left)."""
+
+
+@dataclass(eq=False)
+class _Waiting:
+    done: trio.Event
+    message: dict[str, Any] | None = None
+    data: bytes = b""
+
+
+class RpcConnection:
+    """One connection to the grid server: calls out, replies matched to them by id."""
+
+    def __init__(self, stream: trio.SocketStream, reader: FrameReader) -> None:
+        self.stream = stream
+        self.reader = reader
+        self.send_lock = trio.Lock()
+        self.ids = itertools.count(1)
+        self.waiting: dict[int, _Waiting] = {}
+        self.lost = trio.Event()
+        self.lost_reason = ""
+
+    async def call(self, name: str, *args: Any) -> Any:
+        method = METHODS[name]
+        params, data = method.encode_params(args)
+        id = next(self.ids)
+        waiting = _Waiting(trio.Event())
+        self.waiting[id] = waiting
+        try:
+            frame = encode_frame(request(id, name, params), data)
+            if self.lost.is_set():
+                raise FsError(errno.ENOTCONN, self.lost_reason)
+            async with self.send_lock:
+                try:
+                    await self.stream.send_all(frame)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._lose(f"the grid server connection broke: {exc}")
+                    raise FsError(errno.ENOTCONN, self.lost_reason) from None
+            await waiting.done.wait()
+        finally:
+            del self.waiting[id]
+        reply = waiting.message
+        if reply is None:
+            raise FsError(errno.ENOTCONN, self.lost_reason)
+        failure = reply.get("error")
+        if failure is not None:
+            raise FsError(failure["errno"], failure["message"])
+        return method.result(reply["result"], waiting.data)
+
+    async def receive_replies(self) -> None:
+        """Hand each reply to its call, until the connection ends."""
+        try:
+            while True:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    self._lose("the grid server closed the connection")
+                    return
+                for frame in self.reader.feed(data):
+                    waiting = self.waiting.get(frame.message.get("id"))  # type: ignore[arg-type]
+                    if waiting is None:
+                        if "error" in frame.message:
+                            log.error("the grid server reports: %s", frame.message["error"].get("message"))
+                        continue
+                    waiting.message, waiting.data = frame.message, frame.data
+                    waiting.done.set()
+        except ProtocolError as exc:
+            self._lose(f"the grid server's replies cannot be read: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._lose(f"the grid server connection broke: {exc}")
+
+    def _lose(self, reason: str) -> None:
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+        for waiting in self.waiting.values():
+            waiting.done.set()
+
+
+async def connect(socket_path: Path) -> RpcConnection:
+    """Connect and shake hands; ServerUnavailable if nothing listens, RuntimeError if the server refuses us."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with socket_address(socket_path) as address:
+            await sock.connect(address)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise ServerUnavailable(f"no grid server answers on {socket_path}: {exc.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    stream = trio.SocketStream(sock)
+    reader = FrameReader()
+    try:
+        await stream.send_all(encode_frame(hello()))
+        frames: list = []
+        while not frames:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                raise ServerUnavailable("the grid server closed the connection during the handshake")
+            frames = reader.feed(data)
+        answer = frames[0].message
+        if "error" in answer:
+            raise ProtocolError(answer["error"].get("message", "refused"))
+        check_hello(answer)
+    except ProtocolError as exc:
+        await stream.aclose()
+        raise RuntimeError(f"the grid server refused this client: {exc}") from None
+    except BaseException:
+        await stream.aclose()
+        raise
+    return RpcConnection(stream, reader)
+
+
+@asynccontextmanager
+async def open_connection(socket_path: Path) -> AsyncIterator[RpcConnection]:
+    """A connection with its reply reader running, closed on exit."""
+    connection = await connect(socket_path)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection.receive_replies)
+            yield connection
+            nursery.cancel_scope.cancel()
+    finally:
+        await connection.stream.aclose()
+
+
+def _forwarder(method: Method) -> Callable[..., Coroutine[Any, Any, Any]]:
+    async def forward(self: RpcOperations, *args: Any) -> Any:
+        return await self.connection.call(method.name, *args)
+
+    forward.__name__ = forward.__qualname__ = method.name
+    forward.__doc__ = f"`{method.name}` on the grid server."
+    return forward
+
+
+class RpcOperations:
+    """The Operations interface over an RPC connection that is attached to a root."""
+
+    def __init__(self, connection: RpcConnection) -> None:
+        self.connection = connection
+
+
+for _method in METHODS.values():
+    if not _method.connection:
+        setattr(RpcOperations, _method.name, _forwarder(_method))
+
+
+@asynccontextmanager
+async def open_rpc_operations(
+    socket_path: Path,
+    root_cap: str,
+    settings: dict[str, Any],
+    on_settings: Callable[[dict[str, Any]], None],
+    on_lost: Callable[[str], None],
+) -> AsyncIterator[RpcOperations]:
+    """Attach to the server as a mount of `root_cap` (`on_settings` gets the settings in effect); `on_lost` is
+    called if the server goes away meanwhile. On exit, wait until the root's changes are on the grid (the
+    server's drain), then close: that closing is what tells the server this mount is gone."""
+    async with open_connection(socket_path) as connection:
+        on_settings(await connection.call("attach", root_cap, settings))
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await connection.lost.wait()
+                on_lost(connection.lost_reason)
+
+            nursery.start_soon(watch)
+            yield RpcOperations(connection)
+            nursery.cancel_scope.cancel()
+        if not connection.lost.is_set() and not await connection.call("drain"):
+            log.warning("the grid server could not upload everything; the rest stays queued in its journal")

@@ -1,0 +1,76 @@
+"""What a process serving a node directory holds once, whatever roots it mounts: the grid connection, the disk
+cache of downloaded content, the spare-key filler, and the state directory `NODEDIR/private/blackmatch` (0700).
+
+Each mounted root keeps its own journal and local files under `roots/KEY/` (KEY a hash of the root cap, so the
+cap itself never names a file): a journal's records name directories by cap, so they belong to no root in
+particular, but its compaction and the removal of stale local files assume one filesystem owns them. The read
+cache is shared by all roots; its lock (taken by `ReadCache`) makes one process at a time the user of a node
+directory, which is what keeps a `--no-split` mount and a grid server from both writing there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from lafs_core.caps import DirectoryCap
+from lafs_core.errors import LafsError
+from lafs_core.grid.grid import Grid
+from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.servers import open_grid
+
+from .read_cache import CacheInUseError, ReadCache
+from .server_files import state_directory
+
+SPARE_KEYS = 4  # RSA keys kept ready for mkdir (each takes ~50 ms of CPU to make)
+
+
+@dataclass(frozen=True)
+class NodeState:
+    node: NodeDirectory
+    grid: Grid
+    read_cache: ReadCache
+    directory: Path
+
+    def root_directory(self, root: DirectoryCap) -> Path:
+        """`roots/KEY` for one root (0700). A journal and local files left at the top level by a version before
+        roots had their own directory move into the first root opened: their records name their directories."""
+        key = hashlib.sha256(b"blackmatch root v1:" + root.to_string().encode()).hexdigest()[:24]
+        path = self.directory / "roots" / key
+        if not path.exists():
+            path.mkdir(mode=0o700, parents=True)
+            for legacy in ("journal", "files"):
+                if (self.directory / legacy).exists():
+                    os.rename(self.directory / legacy, path / legacy)
+        return path
+
+
+@asynccontextmanager
+async def open_node_state(node: NodeDirectory, cache_size: int) -> AsyncIterator[NodeState]:
+    grid = open_grid(node)
+    if not grid.servers:
+        raise LafsError(f"{node.path} configures no storage servers blackmatch can use")
+    directory = state_directory(node)
+    try:
+        try:
+            cache = ReadCache(directory / "cache", grid, cache_size)
+            await cache.__aenter__()
+        except CacheInUseError:
+            raise LafsError(
+                f"{node.path} is in use by another blackmatch process (its grid server, or a --no-split mount)"
+            ) from None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(grid.keys.keep_filled, SPARE_KEYS)
+                yield NodeState(node, grid, cache, directory)
+                nursery.cancel_scope.cancel()
+        finally:
+            await cache.aclose()
+    finally:
+        await grid.aclose()
