@@ -266,6 +266,9 @@ class Connection:
                     return
                 try:
                     frames = self.reader.feed(data)
+                    for frame in frames:
+                        if type(frame.message.get("id")) is not int:
+                            raise ProtocolError("a request without an integer id cannot be answered")
                 except ProtocolError as exc:
                     log.warning("closing a connection that broke the protocol: %s", exc)
                     await self._send({"error": {"errno": errno.EPROTO, "message": str(exc)}})
@@ -293,17 +296,16 @@ class Connection:
         try:
             reply, attachment = await self._dispatch(message, data)
             await self._send(reply, attachment)
+        except Exception:  # a bug here must fail one request, never the server
+            log.exception("answering a request failed")
         finally:
             self.slots.release()
 
     async def _dispatch(self, message: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         try:
             request = parse_request(message)
-        except ProtocolError as exc:
-            id = message.get("id")
-            if type(id) is not int:
-                raise
-            return error(id, errno.EINVAL, str(exc)), b""
+        except ProtocolError as exc:  # it has an id (the reading loop checked): answer there
+            return error(message["id"], errno.EINVAL, str(exc)), b""
         method = METHODS.get(request.method)
         if method is None:
             return error(request.id, errno.ENOSYS, f"unknown method {request.method[:64]!r}"), b""

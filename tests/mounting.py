@@ -100,6 +100,13 @@ def wait_until_gone(pid: int, timeout: float = EXIT_TIMEOUT) -> bool:
     return True
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split("\n", 1)[0])
@@ -135,10 +142,9 @@ class Mount:
         return log_file(self.node, self.mountpoint)
 
     def log(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
+        """The serving process's log, followed in split mode by the grid server's."""
+        logs = [self.log_file] + ([ServerFiles.of(self.node).log] if self.split else [])
+        return "".join(read_text(path) for path in logs)
 
     def __enter__(self) -> Mount:
         self.requested.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,194 @@
+"""The split's processes, as a user's system sees them: the grid server is a daemon (its parent is init, no
+controlling terminal), one per node directory shared by every mount of it, alive while some mount is, gone within
+10 s of the last unmount; kill -9 of a shim lets the server finish and exit; another uid is refused on the socket;
+`--no-split` starts no server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from grid_server.rpc_wire import FrameReader, encode_frame, hello
+from grid_server.server_files import ServerFiles
+from lafs_core.grid.nodedir import NodeDirectory
+
+from .mounting import EXIT_TIMEOUT, Mount, blackmatch, needs_fuse, process_alive, server_pid, wait_until_gone
+
+pytestmark = needs_fuse
+
+NOBODY = 65534
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: [0] state, [1] ppid, [2] pgrp, [3] session, [4] tty_nr."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def server_files(node: Path) -> ServerFiles:
+    return ServerFiles.of(NodeDirectory(node))
+
+
+def test_server_is_a_daemon_and_exits_after_the_unmount(tmp_path):
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint, split=True) as mount:
+        server = server_pid(node)
+        assert server is not None and server not in (os.getpid(), mount.pid)
+        fields = proc_stat(server)
+        assert int(fields[1]) == 1, f"the server's parent is {fields[1]}, not init"
+        assert int(fields[4]) == 0, "the server has a controlling terminal"
+        assert int(fields[3]) != os.getsid(0), "the server is in the session of whoever mounted"
+        files = server_files(node)
+        assert files.socket.stat().st_mode & 0o777 == 0o600 and files.directory.stat().st_mode & 0o777 == 0o700
+        (mount.mountpoint / "file.txt").write_text("in split mode\n")
+        unmounted = time.monotonic()
+        problem = mount.unmount()
+        assert problem is None, problem
+        assert wait_until_gone(server, EXIT_TIMEOUT), "the server outlived its last mount by 10 s"
+        assert time.monotonic() - unmounted < 60
+        assert not files.socket.exists() and not files.pid.exists()
+        mount.killed = True  # unmounted already
+    assert "grid server exiting" in server_files(node).log.read_text()
+    result = blackmatch("get", "-d", str(node), "tahoe:file.txt")
+    assert result.returncode == 0 and result.stdout == "in split mode\n", result.stderr
+
+
+def test_two_mounts_share_one_server_until_both_are_gone(tmp_path):
+    node = tmp_path / "node"
+    with Mount(node, tmp_path / "a", split=True) as first:
+        server = server_pid(node)
+        with Mount(node, tmp_path / "b", split=True) as second:
+            assert server_pid(node) == server
+            (second.mountpoint / "from-b.txt").write_text("b")
+            assert (first.mountpoint / "from-b.txt").read_text() == "b"  # one root, one filesystem
+        time.sleep(1)
+        assert server is not None and process_alive(server), "the server left while a mount still used it"
+        (first.mountpoint / "from-a.txt").write_text("a")
+        assert sorted(os.listdir(first.mountpoint)) == ["from-a.txt", "from-b.txt"]
+    assert server is not None and not process_alive(server)  # Mount's exit waited at most 10 s for it
+
+
+def test_kill_9_of_the_shim_lets_the_server_finish_and_exit(tmp_path):
+    """The killed mount's open file is released by the server for it, so even that upload completes; the server
+    then exits, the dead mount is cleared, and a new mount works and shows everything."""
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint, split=True) as mount:
+        server = server_pid(node)
+        (mount.mountpoint / "closed.txt").write_text("closed")
+        held = open(mount.mountpoint / "open.txt", "w")  # noqa: SIM115 - open across the kill on purpose
+        held.write("open at the kill")
+        held.flush()
+        assert mount.pid is not None
+        os.kill(mount.pid, signal.SIGKILL)
+        assert wait_until_gone(mount.pid)
+        mount.killed = True
+        assert server is not None and wait_until_gone(server, 60), "the server did not exit after its shim died"
+        with contextlib.suppress(OSError):  # ENOTCONN: the mount is dead
+            held.close()
+        result = blackmatch("unmount", str(mount.mountpoint), "-d", str(node))
+        assert result.returncode == 0, result.stderr
+    with Mount(node, mountpoint, split=True) as again:
+        assert server_pid(node) != server
+        assert (again.mountpoint / "closed.txt").read_text() == "closed"
+        assert (again.mountpoint / "open.txt").read_text() == "open at the kill"
+    log = server_files(node).log.read_text()
+    assert "released its 1 files" in log
+
+
+def test_another_uid_is_refused(tmp_path):
+    """Another user cannot reach the socket (0600 in a 0700 directory); and if it could (here: a hard link to the
+    socket in an open directory, the socket's mode loosened), the server itself refuses it by the peer's uid."""
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint, split=True) as mount:
+        files = server_files(node)
+        assert connect_as(NOBODY, files.socket) == "PermissionError"
+        with tempfile.TemporaryDirectory(dir="/tmp") as open_directory:
+            os.chmod(open_directory, 0o755)
+            link = Path(open_directory) / "link.sock"
+            os.link(files.socket, link)
+            os.chmod(files.socket, 0o666)
+            try:
+                assert connect_as(NOBODY, link) == "closed"
+            finally:
+                os.chmod(files.socket, 0o600)
+        assert connect_as(os.getuid(), files.socket) == "answered"
+        (mount.mountpoint / "still.txt").write_text("served")
+        assert (mount.mountpoint / "still.txt").read_text() == "served"
+    assert f"refused a connection from uid {NOBODY}" in files.log.read_text()
+
+
+def connect_as(uid: int, path: Path) -> str:
+    """In a child process running as `uid`: connect and send the handshake. "PermissionError", "closed" (the
+    server hung up without answering) or "answered"."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        outcome = "error"
+        try:
+            os.close(read_end)
+            if uid != os.getuid():
+                os.setgid(uid)
+                os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                try:
+                    sock.connect(os.fspath(path))
+                except PermissionError:
+                    outcome = "PermissionError"
+                else:
+                    outcome = handshake(sock)
+        except BaseException as exc:
+            outcome = f"error {exc!r}"
+        finally:
+            os.write(write_end, outcome.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(child, 0)
+    return outcome
+
+
+def handshake(sock: socket.socket) -> str:
+    try:
+        sock.sendall(encode_frame(hello()))
+        reader, frames = FrameReader(), []
+        while not frames:
+            data = sock.recv(4096)
+            if not data:
+                return "closed"
+            frames = reader.feed(data)
+    except ConnectionResetError:  # closed with our hello unread
+        return "closed"
+    return "answered"
+
+
+def test_no_split_starts_no_server(tmp_path):
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint, split=False) as mount:
+        (mount.mountpoint / "f.txt").write_text("one process")
+        files = server_files(node)
+        assert not files.socket.exists() and server_pid(node) is None
+        assert not files.log.exists()
+    assert (node / "private" / "blackmatch" / "roots").is_dir()
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "no-split"])
+def test_a_second_mode_cannot_take_a_node_directory_in_use(tmp_path, split):
+    """A --no-split mount and a grid server would both write the node directory's state: the second is refused
+    with a clear message, and the first goes on."""
+    node = tmp_path / "node"
+    (tmp_path / "b").mkdir()
+    with Mount(node, tmp_path / "a", split=split) as first:
+        other_mode = ["--no-split"] if split else []
+        result = blackmatch("mount", str(tmp_path / "b"), "-d", str(node), *other_mode, timeout=120)
+        assert result.returncode != 0
+        assert "in use by another blackmatch process" in result.stderr, result.stderr
+        (first.mountpoint / "f.txt").write_text("fine")
