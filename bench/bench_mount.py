@@ -2,11 +2,14 @@
 
     .venv/bin/python -m bench.bench_mount [--size-mib 256] [--small-files 1000] [--entries 10000] [--servers 5]
                                           [--needed 3] [--happy 5] [--total 10] [--dir DIR]
+                                          [--modes no-split,split]
 
 Starts `--servers` `blackmatch storage run` processes on 127.0.0.1 (tests/storage_cluster.py), a node using them,
-and mounts the node's root with the real `blackmatch mount ... --no-split` (tests/mounting.py). Every workload runs
-on the mount and on a plain directory of the local disk (under `--dir`, which must not be a tmpfs); the figures are
-printed side by side with the ratio mount / local (below 1: the mount is slower).
+and mounts the node's root with the real `blackmatch mount` (tests/mounting.py), once per mode: `split` (the FUSE
+shim forwarding to the node's grid server daemon over the RPC socket) and `no-split` (one process), each on a node
+directory of its own over the same servers. Every workload runs on the mount and on a plain directory of the local
+disk (under `--dir`, which must not be a tmpfs); the figures are printed side by side with the ratio mount / local
+(below 1: the mount is slower), and with both modes, the ratio split / no-split.
 
 1. Sequential write: `--size-mib` of random bytes (made in memory beforehand) written in 1 MiB writes to a new
    file, timed from the open until os.fsync returns. On the mount, fsync returns once the file is uploaded with
@@ -29,8 +32,9 @@ printed side by side with the ratio mount / local (below 1: the mount is slower)
    files; its "cold" listing is only the first one: the kernel still holds their inodes, and dropping them
    (drop_caches) would drop every cache of the machine.
 
-For workloads 1 and 4 the CPU seconds of the mount's serving process, of the storage servers and of this process
-(the writer, which also pays the kernel's side of FUSE) are printed, to tell a CPU-bound run from one that waits.
+For workloads 1 and 4 the CPU seconds of the mount (its serving process, and in split mode the grid server too),
+of the storage servers and of this process (the writer, which also pays the kernel's side of FUSE) are printed, to
+tell a CPU-bound run from one that waits.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -51,7 +56,7 @@ from lafs_core.dirnode import child_entry, update_metadata
 from lafs_core.grid.directory import as_directory, create_directory, linker, modify_directory
 from lafs_core.grid.nodedir import NodeDirectory
 from lafs_core.grid.servers import open_grid
-from tests.mounting import Mount, fuse_unavailable, wipe_cache
+from tests.mounting import Mount, fuse_unavailable, server_pid, wipe_cache
 from tests.storage_cluster import StorageCluster
 
 from .bench_codec import MB, timed
@@ -63,9 +68,9 @@ BIG_FILE = "big.dat"
 SMALL_DIR = "small"
 LISTED_DIR = "listed"
 
-# How the mount is served -> keyword arguments of Mount. A split mode (`--split`: FUSE shim + grid server process)
-# goes here once it exists, with a command-line flag adding it to `modes`.
-MODES: dict[str, dict[str, bool]] = {"no-split": {"split": False}}
+# How the mount is served -> keyword arguments of Mount: the FUSE shim and a grid server daemon talking over the
+# RPC socket, or both in one process.
+MODES: dict[str, dict[str, bool]] = {"no-split": {"split": False}, "split": {"split": True}}
 
 
 @dataclass
@@ -228,9 +233,9 @@ def run_local(root: Path, data: bytes, expected: str, small: list[bytes], entrie
 
 
 # --- the mount -------------------------------------------------------------------------------------------------------
-def timed_with_cpu(fn: Callable[[], float], mount_pid: int, server_pids: list[int]) -> tuple[float, Cpu]:
+def timed_with_cpu(fn: Callable[[], float], mount_pids: list[int], server_pids: list[int]) -> tuple[float, Cpu]:
     """`fn()`'s own figure (seconds), and the CPU used meanwhile by this process, the mount and the servers."""
-    mount_clock, server_clock = CpuClock([mount_pid]), CpuClock(server_pids)
+    mount_clock, server_clock = CpuClock(mount_pids), CpuClock(server_pids)
     bench0, mount0 = mount_clock.read()
     servers0 = server_clock.read()[1]
     start = time.perf_counter()
@@ -280,6 +285,13 @@ def run_mount(
     def mounted() -> Mount:
         return Mount(node_dir, mountpoint, **MODES[mode])
 
+    def mount_pids(mount: Mount) -> list[int]:
+        """The serving process, and the grid server in split mode."""
+        assert mount.pid is not None, "no pid of the serving process"
+        server = server_pid(node_dir) if mount.split else None
+        assert server is not None or not mount.split, "no grid server in split mode"
+        return [mount.pid] + ([server] if server is not None else [])
+
     def cold_mount() -> Mount:
         """After an unmount: no downloaded content in the mount's cache, no share in the servers' page cache."""
         wipe_cache(node_dir)
@@ -287,13 +299,12 @@ def run_mount(
         return mounted()
 
     with mounted() as mount:
-        assert mount.pid is not None, "no pid of the serving process"
-        seconds, cpu = timed_with_cpu(lambda: sequential_write(mountpoint / BIG_FILE, data), mount.pid, server_pids)
+        write = partial(sequential_write, mountpoint / BIG_FILE, data)
+        seconds, cpu = timed_with_cpu(write, mount_pids(mount), server_pids)
         results.seconds["write"], results.cpu["write"] = seconds, cpu
 
     buffer = bytearray(len(data))
     with cold_mount() as mount:
-        assert mount.pid is not None, "no pid of the serving process"
         results.seconds["cold read"] = sequential_read(mountpoint / BIG_FILE, buffer)
         assert sha256_of([buffer]) == expected, "cold read on the mount returned different bytes"
         results.seconds["warm read"] = sequential_read(mountpoint / BIG_FILE, buffer)
@@ -301,7 +312,8 @@ def run_mount(
         del buffer
 
         make_published_dir(mountpoint / SMALL_DIR)
-        seconds, cpu = timed_with_cpu(lambda: small_files(mountpoint / SMALL_DIR, small, "dir"), mount.pid, server_pids)
+        create = partial(small_files, mountpoint / SMALL_DIR, small, "dir")
+        seconds, cpu = timed_with_cpu(create, mount_pids(mount), server_pids)
         results.seconds["small files"], results.cpu["small files"] = seconds, cpu
 
     trio.run(link_listed_directory, node, entries)
@@ -337,8 +349,11 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=10000)
     add_grid_arguments(parser)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where to work (local disk)")
+    parser.add_argument("--modes", default="no-split,split", help="comma-separated: no-split, split")
     args = parser.parse_args()
-    modes = ["no-split"]
+    modes = args.modes.split(",")
+    if not modes or any(mode not in MODES for mode in modes):
+        parser.error(f"--modes takes a comma-separated list of {', '.join(MODES)}")
     unusable = fuse_unavailable()
     if unusable:
         parser.error(f"cannot mount: {unusable}")
@@ -383,14 +398,18 @@ def main() -> None:
         f"Mounted grid vs local disk ({disk}); {args.servers} local GBS servers, k={args.needed} happy={args.happy} "
         f"N={args.total}, {os.cpu_count()} cores"
     )
+    both = "split" in modes and "no-split" in modes
     header = f"  {'':40} {'local':>22}" + "".join(f" {mode:>22} {'ratio':>6}" for mode in modes)
-    print(header)
+    print(header + (f" {'split/no-split':>15}" if both else ""))
     for label, unit, figure, local_key, mount_key in rows:
         line = f"  {label:40} {figure(local.seconds[local_key]):11.1f} {unit:<10}"
         for mode in modes:
             seconds = mounts[mode].seconds[mount_key]
             ratio = figure(seconds) / figure(local.seconds[local_key])
             line += f" {figure(seconds):11.1f} {unit:<10} {ratio:6.3f}"
+        if both:
+            split_ratio = figure(mounts["split"].seconds[mount_key]) / figure(mounts["no-split"].seconds[mount_key])
+            line += f" {split_ratio:15.3f}"
         print(line)
     print("  seconds:")
     for label, _unit, _figure, local_key, mount_key in rows:
