@@ -5,6 +5,7 @@ logging to stderr.
 """
 
 import argparse
+import logging
 import sys
 
 from lafs_core.grid.nodedir import NodeDirectory
@@ -18,8 +19,6 @@ def main() -> int:
     parser.add_argument("-d", "--node-directory", required=True)
     parser.add_argument("--cache-size", type=int, default=FilesystemOptions.cache_size, metavar="BYTES")
     args = parser.parse_args()
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_grid_server(NodeDirectory(args.node_directory), args.cache_size, lambda word: print(word, flush=True))
 

@@ -58,27 +58,41 @@ class FrameReader:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
-        """Frames completed by `data`, in order; raises ProtocolError on a malformed one (the rest is lost)."""
-        self._buffer += data
+        """Frames completed by `data`, in order; raises ProtocolError on a malformed one (the rest is lost).
+
+        File data is copied once, into its Frame: whole frames are cut straight out of `data` when nothing is
+        buffered, and only an incomplete tail waits in the buffer."""
+        buffered = bool(self._buffer)
+        if buffered:
+            self._buffer += data
+        view = memoryview(self._buffer if buffered else data)
         frames = []
-        while len(self._buffer) >= _HEADER.size:
-            body_length, json_length = _HEADER.unpack_from(self._buffer)
-            if body_length > MAX_BODY:
-                raise ProtocolError(f"frame of {body_length} bytes announced; the limit is {MAX_BODY}")
-            if json_length > body_length:
-                raise ProtocolError("frame's JSON part is longer than the frame")
-            end = _HEADER.size + body_length
-            if len(self._buffer) < end:
-                break
-            json_end = _HEADER.size + json_length
-            try:
-                message = orjson.loads(self._buffer[_HEADER.size : json_end])
-            except orjson.JSONDecodeError as exc:
-                raise ProtocolError(f"frame is not JSON: {exc}") from None
-            if not isinstance(message, dict):
-                raise ProtocolError("frame's JSON is not an object")
-            frames.append(Frame(message, bytes(self._buffer[json_end:end])))
-            del self._buffer[:end]
+        start = 0
+        try:
+            while len(view) - start >= _HEADER.size:
+                body_length, json_length = _HEADER.unpack_from(view, start)
+                if body_length > MAX_BODY:
+                    raise ProtocolError(f"frame of {body_length} bytes announced; the limit is {MAX_BODY}")
+                if json_length > body_length:
+                    raise ProtocolError("frame's JSON part is longer than the frame")
+                end = start + _HEADER.size + body_length
+                if len(view) < end:
+                    break
+                json_end = start + _HEADER.size + json_length
+                try:
+                    message = orjson.loads(view[start + _HEADER.size : json_end])
+                except orjson.JSONDecodeError as exc:
+                    raise ProtocolError(f"frame is not JSON: {exc}") from None
+                if not isinstance(message, dict):
+                    raise ProtocolError("frame's JSON is not an object")
+                frames.append(Frame(message, bytes(view[json_end:end])))
+                start = end
+        finally:
+            view.release()
+        if buffered:
+            del self._buffer[:start]
+        elif start < len(data):
+            self._buffer = bytearray(memoryview(data)[start:])
         return frames
 
     @property

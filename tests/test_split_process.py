@@ -16,11 +16,21 @@ from pathlib import Path
 
 import pytest
 
+from fuse_client.grid_server_process import server_answers
 from grid_server.rpc_wire import FrameReader, encode_frame, hello
 from grid_server.server_files import ServerFiles
 from lafs_core.grid.nodedir import NodeDirectory
 
-from .mounting import EXIT_TIMEOUT, Mount, blackmatch, needs_fuse, process_alive, server_pid, wait_until_gone
+from .mounting import (
+    EXIT_TIMEOUT,
+    Mount,
+    blackmatch,
+    kill_mount,
+    needs_fuse,
+    process_alive,
+    server_pid,
+    wait_until_gone,
+)
 
 pytestmark = needs_fuse
 
@@ -100,6 +110,23 @@ def test_kill_9_of_the_shim_lets_the_server_finish_and_exit(tmp_path):
         assert (again.mountpoint / "open.txt").read_text() == "open at the kill"
     log = server_files(node).log.read_text()
     assert "released its 1 files" in log
+
+
+def test_a_stale_socket_is_replaced(tmp_path):
+    """kill -9 of shim and server leaves their socket and pid file; the next mount sees that nothing answers there,
+    starts a new server, which replaces the socket."""
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint, split=True) as mount:
+        (mount.mountpoint / "before.txt").write_text("before the crash")
+        os.sync()
+        server = server_pid(node)
+        kill_mount(mount)
+    files = server_files(node)
+    assert files.socket.exists() and not server_answers(files.socket)
+    with Mount(node, mountpoint, split=True) as again:
+        assert server_pid(node) not in (None, server)
+        assert server_answers(files.socket)
+        assert (again.mountpoint / "before.txt").read_text() == "before the crash"
 
 
 def test_another_uid_is_refused(tmp_path):
