@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -42,22 +43,26 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from grid_server.operations import Operations
+from grid_server.failures import log_failure, sole_exception
+from grid_server.operations import FsError, Operations
+from grid_server.pid_lock import PidLock
 from lafs_core.caps import ChkVerifierCap, DirectoryCap, MutableVerifierCap, parse_known_cap
 from lafs_core.errors import LafsError
 from lafs_core.grid.nodedir import NodeDirectory
 
-from .background import configure_logging, start_daemon
+from .background import Report, configure_logging, start_daemon
 from .grid_commands import create_node
 from .grid_server_process import ensure_grid_server
 from .node_options import DEFAULT_NODE_DIRECTORY, add_node_directory_option
-from .rpc_client import open_rpc_operations
+from .rpc_client import ServerUnavailable, open_rpc_operations
 from .shim import FuseShim
 
 log = logging.getLogger("blackmatch.mount")
 
 FSNAME = "blackmatch"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+MOUNT_ATTEMPTS = 3
+SERVER_GONE = 75  # run_server's status when the grid server exited before the mount was up: start it again
 READY_TIMEOUT = 300.0  # seconds `mount` waits for the background process to have mounted
 UNMOUNT_TIMEOUT = 600.0  # default seconds `unmount` waits for the serving process to finish its uploads
 
@@ -273,25 +278,12 @@ def log_file(node: NodeDirectory, mountpoint: Path) -> Path:
     return node.private / "blackmatch" / "mounts" / f"{mount_key(mountpoint)}.log"
 
 
-class PidFile:
-    """The serving process's pid file, locked while it lives."""
-
-    def __init__(self, path: Path, mountpoint: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise MountError(f"another blackmatch process already serves {mountpoint} (see {path})") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n{mountpoint}\n".encode())
-
-    def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                os.unlink(self.path)
-        os.close(self.fd)
+def lock_pid_file(path: Path, mountpoint: Path) -> PidLock:
+    """The serving process's pid file (its pid, then the mountpoint), locked while it lives."""
+    try:
+        return PidLock(path, (str(mountpoint),))
+    except BlockingIOError:
+        raise MountError(f"another blackmatch process already serves {mountpoint} (see {path})") from None
 
 
 @dataclass
@@ -467,11 +459,14 @@ def mount_command(args: argparse.Namespace) -> int:
     settings = FilesystemSettings(cache_timeout=args.cache_timeout, cache_size=args.cache_size)
     transport = choose_transport(split=not args.no_split)
     options = fuse_options(args.fuse_options, read_only)
-    plan = MountPlan(mountpoint, node, what, transport(node, root_cap, settings), options)
     mounts_directory(node)
-    if args.foreground:
-        return serve_foreground(plan)
-    return serve_in_background(plan)
+    for _attempt in range(MOUNT_ATTEMPTS):
+        plan = MountPlan(mountpoint, node, what, transport(node, root_cap, settings), options)
+        status = serve_foreground(plan) if args.foreground else serve_in_background(plan)
+        if status != SERVER_GONE:
+            return status
+        log.info("the grid server exited just as this mount started; starting it again")
+    raise MountError(f"the grid server kept exiting before {mountpoint} was mounted; see its log")
 
 
 def _unmount_hint(plan: MountPlan) -> str:
@@ -490,9 +485,15 @@ def serve_foreground(plan: MountPlan) -> int:
 
 
 def serve_in_background(plan: MountPlan) -> int:
-    outcome = start_daemon(
-        log_file(plan.node, plan.mountpoint), lambda report: run_server(plan, lambda: report("ready")), READY_TIMEOUT
-    )
+    def run(report: Report) -> int:
+        status = run_server(plan, lambda: report("ready"))
+        if status == SERVER_GONE:
+            report("server-gone")
+        return status
+
+    outcome = start_daemon(log_file(plan.node, plan.mountpoint), run, READY_TIMEOUT)
+    if outcome.word == "server-gone":
+        return SERVER_GONE
     if outcome.word == "ready" and find_mount(plan.mountpoint) is not None:
         print(f"Mounted {plan.what} on {plan.mountpoint} (pid {outcome.pid}; log {outcome.log_path})")
         print(f"Unmount with: {_unmount_hint(plan)}")
@@ -513,22 +514,21 @@ def run_server(plan: MountPlan, ready: Callable[[], None]) -> int:
     """Serve the mount until it is unmounted or a signal stops it; 0 when it ended cleanly."""
     log.info("serving %s on %s (pid %d)", plan.what, plan.mountpoint, os.getpid())
     try:
-        pid_handle = PidFile(pid_file(plan.node, plan.mountpoint), plan.mountpoint)
+        pid_handle = lock_pid_file(pid_file(plan.node, plan.mountpoint), plan.mountpoint)
     except MountError as exc:
         log.error("%s", exc)
         return 1
     try:
         return trio.run(_serve, plan, ready)
-    except Exception as exc:
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if isinstance(exc, LafsError | OSError):
-            log.error("the mount failed: %s", exc)
-        else:
-            log.error("the mount failed", exc_info=exc)
+    except Exception as failure:
+        exc = sole_exception(failure)
+        if isinstance(exc, ServerUnavailable) or (isinstance(exc, FsError) and exc.errno == errno.ENOTCONN):
+            log.warning("the grid server went away before the mount was ready: %s", exc)
+            return SERVER_GONE
+        log_failure(log, "the mount failed", exc)
         return 1
     finally:
-        pid_handle.remove()
+        pid_handle.release()
         log.info("exiting")
 
 

@@ -7,7 +7,9 @@ No filesystem logic lives here. The shim only converts between pyfuse3's types a
 - `Attributes` become `pyfuse3.EntryAttributes`, with the attribute and entry timeouts the server chose;
 - `FsError(errno, message)` becomes `FUSEError(errno)`; any other exception is logged (operation and
   traceback, never file data) and answered with EIO, so a bug can fail one request but never the mount;
-- readdir keeps the lookup counts of server and kernel equal (see `readdir`).
+- readdir keeps the lookup counts of server and kernel equal (see `readdir`);
+- a getxattr of a name outside the user namespace is answered ENODATA without a call: the interface defines
+  that no such attribute exists (operations.py, XATTR_NAMESPACE).
 
 Caching choices: the kernel caches attributes and entries for the times the server puts in `Attributes`
 (`attr_timeout`, `entry_timeout`). Open files use pyfuse3's `FileInfo` defaults: `keep_cache=False` (the kernel
@@ -28,7 +30,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from grid_server.operations import AttrChanges, Attributes, Caller, FsError, FsStats, Operations
+from grid_server.operations import XATTR_NAMESPACE, AttrChanges, Attributes, Caller, FsError, FsStats, Operations
 
 log = logging.getLogger("blackmatch.fuse")
 
@@ -346,7 +348,10 @@ class FuseShim(pyfuse3.Operations):
     # --- extended attributes -----------------------------------------------------------------------------------
     @_replies
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self.operations.getxattr(inode, decode_name(name))
+        text = decode_name(name)
+        if not text.startswith(XATTR_NAMESPACE):  # no such attribute anywhere (operations.py): no call
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return await self.operations.getxattr(inode, text)
 
     @_replies
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

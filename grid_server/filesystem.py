@@ -58,6 +58,7 @@ from .operations import (
     RENAME_NOREPLACE,
     ROOT_INODE,
     XATTR_CREATE,
+    XATTR_NAMESPACE,
     XATTR_REPLACE,
     AttrChanges,
     Attributes,
@@ -1002,7 +1003,7 @@ class GridFilesystem:
         node = self._inode(inode)
         if name in (CAP_XATTR, READCAP_XATTR):
             raise FsError(errno.EPERM, "caps are read-only attributes")
-        if not name.startswith("user."):
+        if not name.startswith(XATTR_NAMESPACE):
             raise FsError(errno.ENOTSUP)
         self._check_writable(node.parent)
         if node.parent is None:

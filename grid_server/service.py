@@ -11,8 +11,6 @@ up the next time a server opens them.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -20,10 +18,11 @@ from collections.abc import Callable
 
 import trio
 
-from lafs_core.errors import LafsError
 from lafs_core.grid.nodedir import NodeDirectory
 
+from .failures import log_failure, sole_exception
 from .node_state import open_node_state
+from .pid_lock import PidLock
 from .rpc_server import GridServer, listen
 from .server_files import ServerFiles
 
@@ -32,31 +31,10 @@ log = logging.getLogger("blackmatch.server")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class ServerLock:
-    """The flock on `server.pid` that one live server of a node directory holds."""
-
-    def __init__(self, files: ServerFiles) -> None:
-        self.path = files.pid
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
-
-    def release(self) -> None:
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                os.unlink(self.path)
-        os.close(self.fd)
-
-
 def run_grid_server(node: NodeDirectory, cache_size: int, report: Callable[[str], None]) -> int:
     files = ServerFiles.of(node)
     try:
-        lock = ServerLock(files)
+        lock = PidLock(files.pid)
     except BlockingIOError:
         log.info("another grid server already serves %s", node.path)
         report("busy")
@@ -65,12 +43,7 @@ def run_grid_server(node: NodeDirectory, cache_size: int, report: Callable[[str]
     try:
         trio.run(_serve, node, cache_size, files, report)
     except Exception as exc:
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if isinstance(exc, LafsError | OSError):
-            log.error("the grid server failed: %s", exc)
-        else:
-            log.error("the grid server failed", exc_info=exc)
+        log_failure(log, "the grid server failed", sole_exception(exc))
         return 1
     finally:
         files.socket.unlink(missing_ok=True)

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from fuse_client.grid_server_process import server_answers
+from fuse_client.mount_commands import SERVER_GONE, MountPlan, mounts_directory, run_server
+from fuse_client.rpc_client import open_rpc_operations
 from grid_server.rpc_wire import FrameReader, encode_frame, hello
 from grid_server.server_files import ServerFiles
 from lafs_core.grid.nodedir import NodeDirectory
@@ -219,3 +221,20 @@ def test_a_second_mode_cannot_take_a_node_directory_in_use(tmp_path, split):
         assert result.returncode != 0
         assert "in use by another blackmatch process" in result.stderr, result.stderr
         (first.mountpoint / "f.txt").write_text("fine")
+
+
+def test_a_server_gone_before_the_mount_is_ready_means_start_it_again(tmp_path):
+    """The server's last mount can leave just after `mount` found it answering: when the shim then finds nothing
+    on the socket, it says so (SERVER_GONE) instead of failing, and the mount command starts a server again."""
+    node = NodeDirectory(tmp_path / "node")
+    node.private.mkdir(parents=True)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mounts_directory(node)
+    socket_path = server_files(tmp_path / "node").socket
+
+    def opener():
+        return open_rpc_operations(socket_path, "URI:DIR2:x:y", {}, lambda _: None, lambda _: None)
+
+    plan = MountPlan(mountpoint, node, "tahoe:", opener, set())
+    assert run_server(plan, lambda: None) == SERVER_GONE
