@@ -15,6 +15,7 @@ from . import debug_commands
 from .grid_commands import add_grid_commands
 from .mount_commands import add_mount_commands
 from .node_options import add_node_directory_option
+from .status_command import add_status_command
 from .storage_commands import add_storage_commands
 
 Handler = Callable[[argparse.Namespace], int]
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_commands(commands)
     add_storage_commands(commands)
     add_mount_commands(commands)
+    add_status_command(commands)
 
     debug = commands.add_parser("debug", help="inspect formats without a grid")
     debug_sub = debug.add_subparsers(dest="debug_command", metavar="DEBUGCOMMAND", required=True)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
-from grid_server.rpc_wire import FrameReader, ProtocolError, check_hello, encode_frame, hello
+from grid_server.rpc_wire import FrameReader, ProtocolError, check_hello, encode_frame, hello, request
 from grid_server.server_files import ServerFiles, socket_address
 from lafs_core.errors import LafsError
 from lafs_core.grid.nodedir import NodeDirectory
@@ -29,35 +30,63 @@ class ServerStartError(LafsError):
     """The grid server is not there and could not be started; the message says where its log is."""
 
 
+def _connect(socket_path: Path) -> tuple[socket.socket, FrameReader] | None:
+    """A handshaken blocking connection to the grid server, or None if none answers. A server of another version
+    is an error, not an absence: starting a second one beside it cannot work."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    reader = FrameReader()
+    try:
+        with socket_address(socket_path) as address:
+            sock.connect(address)
+        sock.sendall(encode_frame(hello()))
+        answer = _receive(sock, reader)
+    except (FileNotFoundError, ConnectionError, TimeoutError):
+        answer = None
+    if answer is None:  # nothing listens, or the server closed: it is on its way out
+        sock.close()
+        return None
+    try:
+        if "error" in answer:
+            raise ProtocolError(answer["error"].get("message", "refused"))
+        check_hello(answer)
+    except ProtocolError as exc:
+        sock.close()
+        raise ServerStartError(f"the grid server on {socket_path} refuses this client: {exc}") from None
+    return sock, reader
+
+
+def _receive(sock: socket.socket, reader: FrameReader) -> dict[str, Any] | None:
+    frames: list = []
+    while not frames:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        frames = reader.feed(data)
+    return frames[0].message
+
+
 def server_answers(socket_path: Path) -> bool:
-    """Whether a grid server of this protocol version answers on `socket_path` (a blocking handshake).
-    A server of another version is an error, not an absence: starting a second one beside it cannot work."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(HANDSHAKE_TIMEOUT)
+    """Whether a grid server of this protocol version answers on `socket_path` (a blocking handshake)."""
+    connection = _connect(socket_path)
+    if connection is not None:
+        connection[0].close()
+    return connection is not None
+
+
+def server_status(socket_path: Path) -> dict[str, Any] | None:
+    """What the grid server reports about itself (rpc_methods.py, `status`), or None if none answers."""
+    connection = _connect(socket_path)
+    if connection is None:
+        return None
+    sock, reader = connection
+    with sock:
         try:
-            with socket_address(socket_path) as address:
-                sock.connect(address)
-        except (FileNotFoundError, ConnectionRefusedError):
-            return False
-        reader = FrameReader()
-        try:
-            sock.sendall(encode_frame(hello()))
-            frames: list = []
-            while not frames:
-                data = sock.recv(65536)
-                if not data:
-                    return False  # the server closed: it is on its way out
-                frames = reader.feed(data)
+            sock.sendall(encode_frame(request(1, "status", {})))
+            reply = _receive(sock, reader)
         except (ConnectionError, TimeoutError):
-            return False
-        answer = frames[0].message
-        try:
-            if "error" in answer:
-                raise ProtocolError(answer["error"].get("message", "refused"))
-            check_hello(answer)
-        except ProtocolError as exc:
-            raise ServerStartError(f"the grid server on {socket_path} refuses this client: {exc}") from None
-        return True
+            return None
+    return reply.get("result") if reply is not None else None
 
 
 def ensure_grid_server(node: NodeDirectory, cache_size: int | None) -> Path:

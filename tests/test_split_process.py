@@ -80,11 +80,18 @@ def test_two_mounts_share_one_server_until_both_are_gone(tmp_path):
             assert server_pid(node) == server
             (second.mountpoint / "from-b.txt").write_text("b")
             assert (first.mountpoint / "from-b.txt").read_text() == "b"  # one root, one filesystem
+            status = blackmatch("status", "-d", str(node))
+            assert status.returncode == 0, status.stderr
+            assert f"Grid server: pid {server}, 2 mounts, 1 root," in status.stdout, status.stdout
+            for mount in (first, second):
+                assert f"  {mount.mountpoint} (pid {mount.pid})" in status.stdout
         time.sleep(1)
         assert server is not None and process_alive(server), "the server left while a mount still used it"
         (first.mountpoint / "from-a.txt").write_text("a")
         assert sorted(os.listdir(first.mountpoint)) == ["from-a.txt", "from-b.txt"]
     assert server is not None and not process_alive(server)  # Mount's exit waited at most 10 s for it
+    status = blackmatch("status", "-d", str(node))
+    assert "Grid server: not running" in status.stdout and "Mounts: none" in status.stdout, status.stdout
 
 
 def test_kill_9_of_the_shim_lets_the_server_finish_and_exit(tmp_path):
