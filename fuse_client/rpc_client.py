@@ -26,14 +26,19 @@ from grid_server.operations import FsError
 from grid_server.rpc_methods import METHODS, Method
 from grid_server.rpc_wire import FrameReader, ProtocolError, check_hello, encode_frame, hello, request
 from grid_server.server_files import socket_address
+from lafs_core.errors import LafsError
 
 log = logging.getLogger("blackmatch.rpc")
 
 RECEIVE_BYTES = 256 * 1024
 
 
-class ServerUnavailable(Exception):
+class ServerUnavailable(LafsError):
     """Nothing answers on the socket (no server, or a stale socket a crash left)."""
+
+
+class ServerRefused(LafsError):
+    """The grid server refused this client: another protocol version, or not a blackmatch server."""
 
 
 @dataclass(eq=False)
@@ -67,7 +72,8 @@ class RpcConnection:
                 raise FsError(errno.ENOTCONN, self.lost_reason)
             async with self.send_lock:
                 try:
-                    await self.stream.send_all(frame)
+                    with trio.CancelScope(shield=True):  # half a frame sent would garble every later one
+                        await self.stream.send_all(frame)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._lose(f"the grid server connection broke: {exc}")
                     raise FsError(errno.ENOTCONN, self.lost_reason) from None
@@ -112,7 +118,7 @@ class RpcConnection:
 
 
 async def connect(socket_path: Path) -> RpcConnection:
-    """Connect and shake hands; ServerUnavailable if nothing listens, RuntimeError if the server refuses us."""
+    """Connect and shake hands; ServerUnavailable if nothing listens, ServerRefused if the server refuses us."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with socket_address(socket_path) as address:
@@ -139,7 +145,7 @@ async def connect(socket_path: Path) -> RpcConnection:
         check_hello(answer)
     except ProtocolError as exc:
         await stream.aclose()
-        raise RuntimeError(f"the grid server refused this client: {exc}") from None
+        raise ServerRefused(f"the grid server refused this client: {exc}") from None
     except BaseException:
         await stream.aclose()
         raise

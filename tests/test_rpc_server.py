@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuse_client.grid_commands import create_node
-from fuse_client.rpc_client import RpcConnection, RpcOperations, open_connection
+from fuse_client.grid_server_process import ServerStartError, server_answers
+from fuse_client.rpc_client import RpcConnection, RpcOperations, ServerRefused, connect, open_connection
 from grid_server.node_state import open_node_state
 from grid_server.operations import ROOT_INODE, Caller, FsError, Operations
 from grid_server.rpc_methods import METHODS
@@ -306,3 +307,26 @@ def test_socket_is_private(node):
         await stream.aclose()
 
     serve(node, body)
+
+
+def test_clients_refuse_a_server_of_another_version(tmp_path):
+    """Both clients, the shim's and the mount command's check, refuse a server that answers with another
+    version, saying so, rather than talking to it or starting a second server beside it."""
+    socket_path = tmp_path / "other.sock"
+
+    async def other_version(stream: trio.SocketStream) -> None:
+        assert await read_frames(stream) is not None
+        await stream.send_all(encode_frame({**hello(), "version": VERSION + 1}))
+        await stream.aclose()
+
+    async def main() -> None:
+        listener = await listen(socket_path)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, other_version, [listener])
+            with pytest.raises(ServerRefused, match="version mismatch"):
+                await connect(socket_path)
+            with pytest.raises(ServerStartError, match="version mismatch"):
+                await trio.to_thread.run_sync(server_answers, socket_path)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -227,6 +227,8 @@ def test_a_second_mode_cannot_take_a_node_directory_in_use(tmp_path, split):
         result = blackmatch("mount", str(tmp_path / "b"), "-d", str(node), *other_mode, timeout=120)
         assert result.returncode != 0
         assert "in use by another blackmatch process" in result.stderr, result.stderr
+        if not split:  # the grid server could not start: the error gives its log's path and last lines
+            assert f"log: {server_files(node).log}" in result.stderr, result.stderr
         (first.mountpoint / "f.txt").write_text("fine")
 
 
