@@ -171,7 +171,10 @@ def test_readdir_offsets_are_stable(node):
     run(node, body)
 
 
-def test_journal_resumes_what_a_killed_process_left(node):
+@pytest.mark.parametrize("layout", ["roots", "top level"])
+def test_journal_resumes_what_a_killed_process_left(node, layout):
+    """The queue a killed process left is uploaded by the next start; also from the layout before roots had their
+    own directories (journal and local files at the top of private/blackmatch), which moves into the root."""
     data = os.urandom(500_000)
 
     async def interrupted() -> None:
@@ -184,6 +187,11 @@ def test_journal_resumes_what_a_killed_process_left(node):
     trio.run(interrupted)
     (journal,) = (node[0].private / "blackmatch" / "roots").glob("*/journal")
     assert journal.stat().st_size > 0
+    if layout == "top level":
+        state = node[0].private / "blackmatch"
+        for name in ("journal", "files"):
+            (journal.parent / name).rename(state / name)
+        journal.parent.rmdir()
 
     async def body(fs: GridFilesystem) -> None:
         assert await fs.drain()
