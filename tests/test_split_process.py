@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fuse_client.grid_server_process import server_answers
-from fuse_client.mount_commands import SERVER_GONE, MountPlan, mounts_directory, run_server
+from fuse_client.mount_commands import SERVER_GONE, MountPlan, find_mount, mounts_directory, run_server
 from fuse_client.rpc_client import open_rpc_operations
 from grid_server.rpc_wire import FrameReader, encode_frame, hello
 from grid_server.server_files import ServerFiles
@@ -119,6 +119,23 @@ def test_kill_9_of_the_shim_lets_the_server_finish_and_exit(tmp_path):
         assert (again.mountpoint / "open.txt").read_text() == "open at the kill"
     log = server_files(node).log.read_text()
     assert "released its 1 files" in log
+
+
+def test_a_mount_whose_server_dies_ends_instead_of_hanging(tmp_path):
+    """kill -9 of the grid server: the shim sees its connection go, unmounts and exits, so nothing waits forever
+    on a mount nobody serves; what was written and closed comes back with the next mount (from the journal)."""
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint, split=True) as mount:
+        (mount.mountpoint / "kept.txt").write_text("kept")
+        server = server_pid(node)
+        assert server is not None and mount.pid is not None
+        os.kill(server, signal.SIGKILL)
+        assert wait_until_gone(mount.pid, 30), "the shim kept serving a mount without its server"
+        assert find_mount(mount.mountpoint) is None
+        mount.killed = True
+        assert "unmounting" in mount.log()
+    with Mount(node, mountpoint, split=True) as again:
+        assert (again.mountpoint / "kept.txt").read_text() == "kept"
 
 
 def test_a_stale_socket_is_replaced(tmp_path):
