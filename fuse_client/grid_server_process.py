@@ -2,13 +2,15 @@
 
 A server answers the handshake on `NODEDIR/private/blackmatch/server.sock`. If nothing answers (no server, or a
 socket a crash left behind: connecting to it is refused), the mount starts one as a daemon (background.py) and
-waits until it says it is ready. A server that is just shutting down (its last mount went) still holds the
-server lock, so the new one says "busy": the mount waits and tries again until SERVER_START_TIMEOUT. If the server
-cannot start, the error gives the server log's path and its last lines.
+waits until it says it is ready. A server that is just shutting down (its last mount went) no longer answers but
+still holds the server lock: the mount waits for it to exit, then starts a new one, until SERVER_START_TIMEOUT. If
+the server cannot start, the error gives the server log's path and its last lines.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import time
 from pathlib import Path
@@ -98,15 +100,34 @@ def ensure_grid_server(node: NodeDirectory, cache_size: int | None) -> Path:
             return files.socket
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ServerStartError(f"the grid server did not start within {SERVER_START_TIMEOUT:g} s; log: {files.log}")
+            raise ServerStartError(
+                f"no grid server answered within {SERVER_START_TIMEOUT:g} s (one that is finishing its uploads "
+                f"holds {files.pid}); log: {files.log}"
+            )
+        if _lock_held(files.pid):  # a server on its way out: wait for it rather than start one that cannot run
+            time.sleep(RETRY_PAUSE)
+            continue
         outcome = start_daemon(files.log, lambda report: _run_server(node, cache_size, report), remaining)
         if outcome.word in ("ready", "busy"):
-            if outcome.word == "busy":
-                time.sleep(RETRY_PAUSE)
             continue
         problem = "did not get ready in time" if outcome.word == "timeout" else "failed to start"
         lines = "".join(f"\n  {line}" for line in outcome.log_tail())
         raise ServerStartError(f"the grid server {problem}; log: {files.log}{lines}")
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a live process holds the flock on `path` (grid_server/pid_lock.py)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _run_server(node: NodeDirectory, cache_size: int | None, report: Report) -> int:

@@ -11,14 +11,17 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fuse_client.grid_server_process import server_answers
+from fuse_client.grid_commands import create_node
+from fuse_client.grid_server_process import ensure_grid_server, server_answers
 from fuse_client.mount_commands import SERVER_GONE, MountPlan, find_mount, mounts_directory, run_server
 from fuse_client.rpc_client import open_rpc_operations
+from grid_server.pid_lock import PidLock
 from grid_server.rpc_wire import FrameReader, encode_frame, hello
 from grid_server.server_files import ServerFiles
 from lafs_core.grid.nodedir import NodeDirectory
@@ -264,3 +267,25 @@ def test_a_server_gone_before_the_mount_is_ready_means_start_it_again(tmp_path):
 
     plan = MountPlan(mountpoint, node, "tahoe:", opener, set())
     assert run_server(plan, lambda: None) == SERVER_GONE
+
+
+def test_mount_waits_for_a_server_on_its_way_out(tmp_path):
+    """A server that holds the lock but no longer answers is finishing its uploads: the mount's start-up waits for
+    it to go, instead of starting servers that cannot run, and then starts a new one."""
+    node = create_node(tmp_path / "node", needed=2, happy=3, total=4, local_grid=4)
+    files = ServerFiles.of(node)
+    leaving = PidLock(files.pid)
+    releaser = threading.Timer(1.5, leaving.release)
+    started = time.monotonic()
+    releaser.start()
+    try:
+        assert ensure_grid_server(node, None) == files.socket
+        assert time.monotonic() - started >= 1.5
+        assert server_answers(files.socket)
+    finally:
+        releaser.join()
+        server = server_pid(node.path)
+        if server is not None:
+            os.kill(server, signal.SIGTERM)
+            assert wait_until_gone(server, EXIT_TIMEOUT)
+    assert "another grid server already serves" not in files.log.read_text()
