@@ -56,7 +56,7 @@ from lafs_core.dirnode import child_entry, update_metadata
 from lafs_core.grid.directory import as_directory, create_directory, linker, modify_directory
 from lafs_core.grid.nodedir import NodeDirectory
 from lafs_core.grid.servers import open_grid
-from tests.mounting import Mount, fuse_unavailable, server_pid, wipe_cache
+from tests.mounting import MODES, Mount, fuse_unavailable, server_pid, wipe_cache
 from tests.storage_cluster import StorageCluster
 
 from .bench_codec import MB, timed
@@ -67,10 +67,6 @@ SMALL_FILE_SIZE = 4096
 BIG_FILE = "big.dat"
 SMALL_DIR = "small"
 LISTED_DIR = "listed"
-
-# How the mount is served -> keyword arguments of Mount: the FUSE shim and a grid server daemon talking over the
-# RPC socket, or both in one process.
-MODES: dict[str, dict[str, bool]] = {"no-split": {"split": False}, "split": {"split": True}}
 
 
 @dataclass
@@ -283,7 +279,7 @@ def run_mount(
     server_pids = [p.process.pid for p in cluster.processes if p.process is not None]
 
     def mounted() -> Mount:
-        return Mount(node_dir, mountpoint, **MODES[mode])
+        return Mount(node_dir, mountpoint, split=mode == "split")
 
     def mount_pids(mount: Mount) -> list[int]:
         """The serving process, and the grid server in split mode."""

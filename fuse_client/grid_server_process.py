@@ -9,14 +9,13 @@ the server cannot start, the error gives the server log's path and its last line
 
 from __future__ import annotations
 
-import fcntl
-import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from grid_server.rpc_wire import FrameReader, ProtocolError, check_hello, encode_frame, hello, request
+from grid_server.pid_lock import lock_held
+from grid_server.rpc_wire import FrameReader, ProtocolError, check_server_hello, encode_frame, hello, request
 from grid_server.server_files import ServerFiles, socket_address
 from lafs_core.errors import LafsError
 from lafs_core.grid.nodedir import NodeDirectory
@@ -49,9 +48,7 @@ def _connect(socket_path: Path) -> tuple[socket.socket, FrameReader] | None:
         sock.close()
         return None
     try:
-        if "error" in answer:
-            raise ProtocolError(answer["error"].get("message", "refused"))
-        check_hello(answer)
+        check_server_hello(answer)
     except ProtocolError as exc:
         sock.close()
         raise ServerStartError(f"the grid server on {socket_path} refuses this client: {exc}") from None
@@ -104,7 +101,7 @@ def ensure_grid_server(node: NodeDirectory, cache_size: int | None) -> Path:
                 f"no grid server answered within {SERVER_START_TIMEOUT:g} s (one that is finishing its uploads "
                 f"holds {files.pid}); log: {files.log}"
             )
-        if _lock_held(files.pid):  # a server on its way out: wait for it rather than start one that cannot run
+        if lock_held(files.pid):  # a server on its way out: wait for it rather than start one that cannot run
             time.sleep(RETRY_PAUSE)
             continue
         outcome = start_daemon(files.log, lambda report: _run_server(node, cache_size, report), remaining)
@@ -113,21 +110,6 @@ def ensure_grid_server(node: NodeDirectory, cache_size: int | None) -> Path:
         problem = "did not get ready in time" if outcome.word == "timeout" else "failed to start"
         lines = "".join(f"\n  {line}" for line in outcome.log_tail())
         raise ServerStartError(f"the grid server {problem}; log: {files.log}{lines}")
-
-
-def _lock_held(path: Path) -> bool:
-    """Whether a live process holds the flock on `path` (grid_server/pid_lock.py)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _run_server(node: NodeDirectory, cache_size: int | None, report: Report) -> int:

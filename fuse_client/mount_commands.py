@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -45,7 +44,7 @@ import trio
 
 from grid_server.failures import log_failure, sole_exception
 from grid_server.operations import FsError, Operations
-from grid_server.pid_lock import PidLock
+from grid_server.pid_lock import PidLock, lock_held_on
 from lafs_core.caps import ChkVerifierCap, DirectoryCap, MutableVerifierCap, parse_known_cap
 from lafs_core.errors import LafsError
 from lafs_core.grid.nodedir import NodeDirectory
@@ -292,6 +291,7 @@ class ServingProcess:
     the lock (which the process holds until it exits)."""
 
     pid: int
+    mountpoint: str  # as the pid file's second line names it
     path: Path
     fd: int
 
@@ -303,8 +303,8 @@ class ServingProcess:
             return None
         process = None
         try:
-            pid = int(os.read(fd, 4096).split(b"\n", 1)[0])
-            process = cls(pid, path, fd)
+            lines = os.read(fd, 8192).decode("utf-8", "surrogateescape").split("\n")
+            process = cls(int(lines[0]), lines[1] if len(lines) > 1 else "", path, fd)
             if process.exited():
                 process = None
         except ValueError:
@@ -314,16 +314,8 @@ class ServingProcess:
                 os.close(fd)
         return process
 
-    def lock_released(self) -> bool:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        return True
-
     def exited(self) -> bool:
-        return self.lock_released() and not process_alive(self.pid)
+        return not lock_held_on(self.fd) and not process_alive(self.pid)
 
     def close(self) -> None:
         os.close(self.fd)

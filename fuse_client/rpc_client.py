@@ -24,7 +24,7 @@ import trio
 
 from grid_server.operations import FsError
 from grid_server.rpc_methods import METHODS, Method
-from grid_server.rpc_wire import FrameReader, ProtocolError, check_hello, encode_frame, hello, request
+from grid_server.rpc_wire import FrameReader, ProtocolError, check_server_hello, encode_frame, hello, request
 from grid_server.server_files import socket_address
 from lafs_core.errors import LafsError
 
@@ -139,10 +139,7 @@ async def connect(socket_path: Path) -> RpcConnection:
             if not data:
                 raise ServerUnavailable("the grid server closed the connection during the handshake")
             frames = reader.feed(data)
-        answer = frames[0].message
-        if "error" in answer:
-            raise ProtocolError(answer["error"].get("message", "refused"))
-        check_hello(answer)
+        check_server_hello(frames[0].message)
     except ProtocolError as exc:
         await stream.aclose()
         raise ServerRefused(f"the grid server refused this client: {exc}") from None

@@ -52,13 +52,7 @@ def _live_mounts(directory: Path) -> list[tuple[str, int]]:
     found = []
     for path in sorted(directory.glob("*.pid")):
         process = ServingProcess.from_pid_file(path)
-        if process is None:
-            continue
-        try:
-            lines = path.read_text().splitlines()
-        except OSError:
-            lines = []
-        finally:
+        if process is not None:
+            found.append((process.mountpoint or "?", process.pid))
             process.close()
-        found.append((lines[1] if len(lines) > 1 else "?", process.pid))
     return found

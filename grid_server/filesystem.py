@@ -220,6 +220,7 @@ class GridFilesystem:
                         # names it holds): the read's older one would hide them.
                         if directory.listing_version == version:
                             directory.set_listing(listing)
+                            directory.reads += 1
         return directory
 
     @staticmethod
@@ -241,18 +242,14 @@ class GridFilesystem:
         inode = directory.inodes.get(name)
         settled = inode is not None and inode.opens == 0 and self._settled(inode)
         if settled and (inode.cap is None or inode.cap.to_string() != cap.to_string()):
-            self._detach(inode)  # replaced elsewhere: a new inode for the new object (its local copy goes)
+            self._detach(inode)  # replaced elsewhere: a new inode for the new object (its copy goes once forgotten)
             inode = None
         if inode is None:
             inode = self._new_inode(self._kind_of(cap, entry.metadata), cap, dict(entry.metadata))
             self._attach(inode, directory, name)
         elif inode.local is None:
             inode.metadata = dict(entry.metadata)
-        elif (
-            settled
-            and isinstance(cap, MutableWriteCap | MutableReadCap)
-            and inode.local_seen != directory.listing_version
-        ):
+        elif settled and isinstance(cap, MutableWriteCap | MutableReadCap) and inode.local_seen != directory.reads:
             # A mutable file's copy is a cache of the version read then: after a re-read, read it again.
             self._release_local(inode)
             inode.metadata = dict(entry.metadata)
@@ -278,7 +275,7 @@ class GridFilesystem:
             return
         if inode.parent is not None and inode.parent.pending.get(inode.name) is inode:
             return  # its entry is still to be published
-        if inode.local is not None and (inode.local.dirty or inode.local.id in self._queued):
+        if not self._settled(inode):
             return
         if inode.parent is not None and inode.parent.inodes.get(inode.name) is inode:
             del inode.parent.inodes[inode.name]
@@ -519,14 +516,18 @@ class GridFilesystem:
 
     # --- uploads ------------------------------------------------------------------------------------------
     async def _fsync_closed_files(self) -> None:
-        """Group commit: soon after files are closed, fsync their content and the journal in a worker thread, so
-        a power loss keeps what was closed (a killed process loses nothing anyway: it is all in the kernel)."""
+        """Group commit: soon after files are closed, fsync their content, the journal and the files' directory in
+        a worker thread, so a power loss keeps what was closed (a killed process loses nothing anyway: it is all
+        in the kernel)."""
         while True:
             await self._closed_wanted.wait()
             self._closed_wanted = trio.Event()
             batch, self._closed_unsynced = list(self._closed_unsynced.values()), {}
-            descriptors = [local.fd for local in batch] + [self.journal.fileno()]
-            await trio.to_thread.run_sync(fsync_all, descriptors)
+            # Duplicates, taken here where files are closed: the worker thread must not fsync (or race with the
+            # closing of) a number this thread has meanwhile closed and the kernel handed to something else.
+            open_fds = [local.fd for local in batch if local.fd >= 0] + [self.journal.fileno()]
+            descriptors = [os.dup(fd) for fd in open_fds]
+            await trio.to_thread.run_sync(fsync_and_close, descriptors, self.local_files.directory)
 
     def _queue_upload(self, local: LocalFile) -> None:
         if local.id not in self._queued:
@@ -623,7 +624,7 @@ class GridFilesystem:
             local.remove()
             raise
         inode.local = local
-        inode.local_seen = inode.parent.listing_version if inode.parent is not None else 0
+        inode.local_seen = inode.parent.reads if inode.parent is not None else 0
         self.local_owners.setdefault(local.id, set()).add(inode)
         return local
 
@@ -811,7 +812,7 @@ class GridFilesystem:
         if node.kind == DIRECTORY:
             raise FsError(errno.EPERM, "directories cannot be hard-linked")
         directory = await self._new_entry_checks(new_parent, new_name)
-        twin = self._new_inode(node.kind, node.cap, dict(node.metadata))
+        twin = self._new_inode(node.kind, node.cap, dict(self._folded_metadata(node)))
         if node.local is not None:
             twin.local = node.local  # the same content: both entries get the cap its upload makes
             self.local_owners.setdefault(node.local.id, set()).add(twin)
@@ -1038,13 +1039,21 @@ class GridFilesystem:
         self._touch(node)
 
 
-def fsync_all(descriptors: list[int]) -> None:
-    """fsync each descriptor; one closed meanwhile (its file uploaded and removed) is skipped."""
+def fsync_and_close(descriptors: list[int], directory: Path) -> None:
+    """fsync and close each descriptor (duplicates the caller made), then the directory holding the files, so
+    their names survive a power loss too."""
     for fd in descriptors:
         try:
             os.fsync(fd)
-        except OSError:
-            continue
+        except OSError as exc:
+            log.warning("fsync of a closed file failed: %s", exc)
+        finally:
+            os.close(fd)
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
 
 
 @asynccontextmanager
@@ -1057,15 +1066,20 @@ async def open_root(state: NodeState, root_cap: str, options: FilesystemOptions)
         raise DirectoryError(f"the root is not a valid cap: {exc}") from None
     if not isinstance(root, DirectoryCap):
         raise DirectoryError("the root cap is not a directory")
-    async with trio.open_nursery() as nursery:
-        filesystem = GridFilesystem(state.grid, root, options, state.root_directory(root), nursery, state.read_cache)
-        try:
-            await filesystem.start()
-            yield filesystem
-            await filesystem.drain()
-        finally:
-            nursery.cancel_scope.cancel()
-            filesystem.close()
+    filesystem: GridFilesystem | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            directory = state.root_directory(root)
+            filesystem = GridFilesystem(state.grid, root, options, directory, nursery, state.read_cache)
+            try:
+                await filesystem.start()
+                yield filesystem
+                await filesystem.drain()
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if filesystem is not None:
+            filesystem.close()  # once its tasks have ended: none may touch a closed journal or file
 
 
 @asynccontextmanager

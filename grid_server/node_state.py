@@ -33,7 +33,6 @@ SPARE_KEYS = 4  # RSA keys kept ready for mkdir (each takes ~50 ms of CPU to mak
 
 @dataclass(frozen=True)
 class NodeState:
-    node: NodeDirectory
     grid: Grid
     read_cache: ReadCache
     directory: Path
@@ -43,11 +42,10 @@ class NodeState:
         roots had their own directory move into the first root opened: their records name their directories."""
         key = hashlib.sha256(b"blackmatch root v1:" + root.to_string().encode()).hexdigest()[:24]
         path = self.directory / "roots" / key
-        if not path.exists():
-            path.mkdir(mode=0o700, parents=True)
-            for legacy in ("journal", "files"):
-                if (self.directory / legacy).exists():
-                    os.rename(self.directory / legacy, path / legacy)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for legacy in ("journal", "files"):  # each moved whenever it is still there: a crash midway loses none
+            if (self.directory / legacy).exists() and not (path / legacy).exists():
+                os.rename(self.directory / legacy, path / legacy)
         return path
 
 
@@ -68,7 +66,7 @@ async def open_node_state(node: NodeDirectory, cache_size: int) -> AsyncIterator
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(grid.keys.keep_filled, SPARE_KEYS)
-                yield NodeState(node, grid, cache, directory)
+                yield NodeState(grid, cache, directory)
                 nursery.cancel_scope.cancel()
         finally:
             await cache.aclose()

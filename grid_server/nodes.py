@@ -38,7 +38,7 @@ class Inode:
     directory: Directory | None = None  # for directories: their state
     failure: str | None = None  # why the last upload of this inode failed
     written_ns: int | None = None  # time of a write not yet folded into `metadata` (keeps writes cheap)
-    local_seen: int = 0  # the parent's listing version when `local` was made
+    local_seen: int = 0  # the parent's `reads` when `local` was made
 
     @property
     def ready(self) -> bool:
@@ -54,7 +54,8 @@ class Directory:
     cap: DirectoryCap
     listing: dict[str, DirEntry] | None = None
     fetched_at: float = 0.0
-    listing_version: int = 0  # bumped whenever `listing` is replaced
+    listing_version: int = 0  # bumped whenever `listing` is replaced (by a re-read or by our own publish)
+    reads: int = 0  # re-reads from the grid, which may bring other writers' new versions of its mutable files
     pending: dict[str, Inode | None] = field(default_factory=dict)
     pending_seq: dict[str, int] = field(default_factory=dict)  # journal sequence of each pending change
     inodes: dict[str, Inode] = field(default_factory=dict)  # live inodes linked here, by name

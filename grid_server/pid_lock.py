@@ -30,3 +30,25 @@ class PidLock:
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
         os.close(self.fd)
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds the lock on the pid file at `path` (False if there is no such file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        return lock_held_on(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_held_on(fd: int) -> bool:
+    """Whether a live process holds the lock on the pid file open at `fd` (a shared lock is tried and dropped)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False

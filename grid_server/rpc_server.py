@@ -169,7 +169,7 @@ class GridServer:
             if self.mounts == 0:
                 return
 
-    def _count_mount(self, change: int) -> None:
+    def count_mount(self, change: int) -> None:
         self.mounts += change
         self._mounts_changed.set()
         self._mounts_changed = trio.Event()
@@ -186,7 +186,8 @@ class GridServer:
                 nursery.start_soon(self._serve_connection, stream)
 
     # --- roots ----------------------------------------------------------------------------------------------
-    async def _root(self, root_cap: str, settings: dict[str, Any]) -> Root:
+    async def root_for(self, root_cap: str, settings: dict[str, Any]) -> Root:
+        """The open root for `root_cap`, opened now (with the mount's settings) if no mount has it yet."""
         async with self._attach_lock:
             root = self.roots.get(root_cap)
             if root is None:
@@ -345,8 +346,8 @@ class Connection:
     async def _attach(self, root_cap: str, settings: dict[str, Any]) -> dict[str, Any]:
         if self.root is not None:
             raise FsError(errno.EISCONN, "this connection is already a mount")
-        self.root = await self.server._root(root_cap.strip(), settings)
-        self.server._count_mount(+1)
+        self.root = await self.server.root_for(root_cap.strip(), settings)
+        self.server.count_mount(+1)
         options = self.root.filesystem.options
         log.info("a mount attached (%d now)", self.server.mounts)
         return {"cache_timeout": options.cache_timeout, "cache_size": options.cache_size}
@@ -371,5 +372,5 @@ class Connection:
             return
         with trio.CancelScope(shield=True):
             await self.held.give_back(self.root.filesystem)
-        self.server._count_mount(-1)
+        self.server.count_mount(-1)
         log.info("a mount detached (%d left)", self.server.mounts)

@@ -117,6 +117,15 @@ def check_hello(message: dict[str, Any]) -> None:
         )
 
 
+def check_server_hello(message: dict[str, Any]) -> None:
+    """The client's check of the server's answer to its hello: a refusal (the server's hello with an error, such
+    as a version mismatch seen from its side) or a handshake of another version is a ProtocolError."""
+    if "error" in message:
+        refusal = message["error"]
+        raise ProtocolError(refusal.get("message", "refused") if isinstance(refusal, dict) else "refused")
+    check_hello(message)
+
+
 @dataclass(frozen=True)
 class Request:
     id: int

@@ -38,9 +38,10 @@ def public_key_der(key: RSAPublicKey) -> bytes:
 def load_private_key_der(der: bytes) -> RSAPrivateKey:
     """Load a PKCS#8 DER private key, which must be RSA-2048.
 
-    OpenSSL's key check (primality of the factors) is skipped: it costs ~35 ms, paid on every directory update,
-    and buys nothing here. Callers load only keys they made or whose bytes hash to the write cap's writekey, so
-    the key is the one the file's creator chose; it is used only to sign, and every reader verifies signatures.
+    OpenSSL's key check (primality of the factors) is skipped: it costs ~35 ms, paid once per mutable file a
+    process writes (grid.known_writers keeps the loaded key), and buys nothing here. Callers load only keys
+    they made or whose bytes hash to the write cap's writekey, so the key is the one the file's creator chose;
+    it is used only to sign, and every reader verifies signatures.
     """
     try:
         key = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)

@@ -128,6 +128,7 @@ class Mount:
         self.pid: int | None = None
         self.killed = False
         self.mount_result: subprocess.CompletedProcess | None = None
+        self.server_problem: str | None = None  # set by cleanup: the grid server outlived the last unmount
 
     @property
     def node(self) -> NodeDirectory:
@@ -193,8 +194,6 @@ class Mount:
             return f"the serving process {self.pid} is still alive after blackmatch unmount returned"
         return None
 
-    server_problem: str | None = None
-
     def cleanup(self) -> None:
         """Leave nothing behind, whatever state things are in: no mount, no serving process, and no grid server
         once the last Mount of the node directory is done (it must have exited by itself within 10 s)."""
@@ -218,10 +217,11 @@ def kill_mount(mount: Mount) -> None:
     blackmatch can tell), then lazily unmount the dead mount they leave."""
     assert mount.pid is not None, "no serving process known"
     server = server_pid(mount.node_dir) if mount.split else None
-    for pid in (mount.pid, server):
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            assert wait_until_gone(pid), f"process {pid} survived SIGKILL"
+    victims = [pid for pid in (server, mount.pid) if pid is not None]
+    for pid in victims:  # both before waiting: a server that saw its mount go first would start to drain
+        os.kill(pid, signal.SIGKILL)
+    for pid in victims:
+        assert wait_until_gone(pid), f"process {pid} survived SIGKILL"
     lazy_unmount(mount.mountpoint)
     mount.killed = True
 

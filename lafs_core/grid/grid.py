@@ -50,7 +50,7 @@ class Grid:
     mutable_format: str = "sdmf"
     max_segment_size: int = DEFAULT_MAX_SEGMENT_SIZE
     keys: KeyPool = field(default_factory=lambda: KeyPool(rsa.generate_private_key))
-    known_writers: OrderedDict[bytes, WriterKeys] = field(default_factory=OrderedDict)
+    known_writers: OrderedDict[bytes, WriterKeys] = field(default_factory=OrderedDict, init=False, repr=False)
     _upload_locks: dict[bytes, trio.Lock] = field(default_factory=dict, init=False, repr=False)
 
     def permuted(self, storage_index: bytes) -> list[StorageServer]:

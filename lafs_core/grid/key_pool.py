@@ -1,9 +1,10 @@
 """Spare RSA keys made ahead of need, so creating a directory or mutable file does not wait for one.
 
-A 2048-bit key takes ~50 ms of CPU (more under load) and every new directory needs one: `cp -a` of a tree
-would make each mkdir wait that long. A long-running client (the mount) runs `keep_filled` in its nursery,
-which keeps a few keys ready, made in a worker thread (OpenSSL releases the GIL, so this runs beside the
-event loop); `take` hands one out and wakes the filler. Without the filler, `take` makes a key on demand.
+A 2048-bit key takes ~50 ms of CPU (more under load) and every new directory needs one: `cp -a` of a tree would
+make each mkdir wait that long. A long-running client (grid_server's node state: the grid server, or a `--no-split`
+mount) runs `keep_filled` in its nursery, which keeps a few keys ready, made in a worker thread (OpenSSL releases
+the GIL, so this runs beside the event loop); `take` hands one out and wakes the filler. Without the filler, `take`
+makes a key on demand.
 """
 
 from collections.abc import Callable

@@ -1,12 +1,13 @@
 """Immutable upload: place shares for servers-of-happiness, then stream the encoder's writes to them.
 
-Memory stays bounded: the encoder runs in a worker thread a couple of segments ahead of the network, and each
-share's writes are coalesced into requests of about WRITE_COALESCE bytes. Each share has at most one request in
-flight while its next one gathers, so shares and servers move independently (no round waits for the slowest
-server) and the encoder keeps working while requests are out; a share whose previous request has not finished
-when the next one is ready holds the stream back. A server that fails mid-upload loses its shares; the upload
-carries on while the rest still meet happiness and otherwise aborts every writer and raises, so no cap is ever
-returned for a file the grid does not hold.
+Memory stays bounded: the encoder runs in a worker thread (on the event loop for files up to INLINE_LIMIT, where a
+thread costs more than the work) a couple of segments ahead of the network, and each share's writes are coalesced
+into requests of about WRITE_COALESCE bytes. Each share has at most one request in flight while its next one
+gathers, so shares and servers move independently (no round waits for the slowest server) and the encoder keeps
+working while requests are out; a share whose previous request has not finished when the next one is ready holds
+the stream back. A server that fails mid-upload loses its shares; the upload carries on while the rest still meet
+happiness and otherwise aborts every writer and raises, so no cap is ever returned for a file the grid does not
+hold.
 """
 
 from __future__ import annotations
