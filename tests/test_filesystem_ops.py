@@ -24,8 +24,9 @@ from grid_server import filesystem
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
 from lafs_core.caps import parse_cap
-from lafs_core.grid.directory import read_directory
+from lafs_core.grid.directory import linker, modify_directory, read_directory
 from lafs_core.grid.download import read_immutable
+from lafs_core.grid.mutable_io import create_mutable
 from lafs_core.grid.nodedir import NodeDirectory
 
 CALLER = Caller(os.getuid(), os.getgid(), 0o022)
@@ -262,5 +263,37 @@ def test_a_directory_read_answered_before_a_publish_does_not_hide_its_names(node
             fh = await fs.opendir(parent)
             assert [entry.name for entry in await fs.readdir(fh, 0)] == ["a", "b"]
             await fs.releasedir(fh)
+
+    trio.run(main)
+
+
+def test_a_mutable_files_copy_is_read_again_only_after_a_grid_re_read(node, monkeypatch):
+    """A mutable file's local copy caches the version read then. Our own publishes in its directory change nothing
+    about it; only a re-read of the directory from the grid (which may bring another writer's version) does."""
+    retrieves = 0
+    original = filesystem.retrieve
+
+    async def counting_retrieve(grid, cap):
+        nonlocal retrieves
+        retrieves += 1
+        return await original(grid, cap)
+
+    monkeypatch.setattr(filesystem, "retrieve", counting_retrieve)
+
+    async def main() -> None:
+        async with open_filesystem(node[0], node[1], FilesystemOptions(cache_timeout=3600)) as fs:
+            cap = await create_mutable(fs.grid, b"hello mutable")
+            await modify_directory(fs.grid, parse_cap(node[1]), linker("m", cap, replace_files=True))  # type: ignore[arg-type]
+            fs.root.directory.fetched_at = 0  # stale: the next lookup re-reads the root and finds "m"
+            assert (await fs.lookup(ROOT_INODE, "m")).size == len(b"hello mutable")
+            first = retrieves
+            assert first >= 1
+            for i in range(3):
+                await write_file(fs, ROOT_INODE, f"f{i}", b"x" * 100)  # each fsync publishes the root
+                await fs.lookup(ROOT_INODE, "m")
+            assert retrieves == first, "our own publishes made the mutable file download again"
+            fs.root.directory.fetched_at = 0
+            await fs.lookup(ROOT_INODE, "m")
+            assert retrieves == first + 1, "a re-read from the grid did not refresh the mutable file's copy"
 
     trio.run(main)
