@@ -221,7 +221,7 @@ def handshake(sock: socket.socket) -> str:
             if not data:
                 return "closed"
             frames = reader.feed(data)
-    except ConnectionResetError:  # closed with our hello unread
+    except (BrokenPipeError, ConnectionResetError):  # closed before our hello was sent, or with it unread
         return "closed"
     return "answered"
 
