@@ -14,8 +14,8 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,16 @@ PUBLISH_COALESCE = 0.05  # seconds a directory waits for more changes before it 
 PUBLISH_RETRY = 2.0
 NAME_MAX = 255
 BLOCK = 4096
+
+
+@contextmanager
+def local_disk(what: str) -> Iterator[None]:
+    """The node directory's disk failing (full, above all) as the caller's error, with its errno: a full disk is
+    ENOSPC to the program that writes, not EIO, and nothing else of the mount is touched."""
+    try:
+        yield
+    except OSError as exc:
+        raise FsError(exc.errno or errno.EIO, f"{what}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -256,9 +266,20 @@ class GridFilesystem:
         return inode
 
     def _settled(self, inode: Inode) -> bool:
-        """Whether the inode's local copy, if any, holds nothing the grid lacks (so it may be dropped)."""
+        """Whether the inode's local copy, if any, holds nothing the grid lacks or nothing anyone can reach any more
+        (so it may be dropped)."""
         local = inode.local
-        return local is None or (not local.dirty and local.writers == 0 and local.id not in self._queued)
+        if local is None:
+            return True
+        if local.writers:
+            return False
+        return (not local.dirty and local.id not in self._queued) or self._orphaned(local)
+
+    def _orphaned(self, local: LocalFile) -> bool:
+        """Whether every name of this content is gone (unlinked, or renamed over): an upload of it would never be
+        read, so none is made, and its disk space comes back once the last handle and lookup go. Temporary files,
+        editors' swap files and the like then cost no upload."""
+        return not any(owner.parent is not None for owner in self.local_owners.get(local.id, ()))
 
     def _attach(self, inode: Inode, directory: Directory, name: str) -> None:
         inode.parent, inode.name = directory, name
@@ -307,6 +328,16 @@ class GridFilesystem:
     def _set_fields(self, inode: Inode, fields: PosixFields) -> None:
         inode.metadata = with_posix_fields(inode.metadata, fields)
         inode.written_ns = None  # folded into the metadata
+
+    def _change_fields(self, inode: Inode, fields: PosixFields) -> None:
+        """Set the inode's fields and record the change; one that cannot be recorded is not made."""
+        before = inode.metadata, inode.written_ns
+        self._set_fields(inode, fields)
+        try:
+            self._touch(inode)
+        except FsError:
+            inode.metadata, inode.written_ns = before
+            raise
 
     def _folded_metadata(self, inode: Inode) -> dict[str, Any]:
         """The inode's metadata with the time of its last write in it (writes only note that time)."""
@@ -371,7 +402,8 @@ class GridFilesystem:
         return self._seq
 
     def _set_pending(self, directory: Directory, name: str, inode: Inode | None) -> None:
-        """Record that `name` in `directory` is to become `inode` (None: to be removed), journal first."""
+        """Record that `name` in `directory` is to become `inode` (None: to be removed), journal first: if the
+        journal cannot take the record (a full disk), the change is refused and nothing of it is made."""
         seq = self._next_seq()
         record: dict[str, Any] = {"op": "set", "seq": seq, "dir": directory.cap.to_string(), "name": name}
         if inode is not None:
@@ -379,13 +411,26 @@ class GridFilesystem:
             record["meta"] = self._folded_metadata(inode)
             record["cap"] = inode.cap.to_string() if inode.cap is not None else None
             record["local"] = inode.local.id if inode.local is not None and inode.local.dirty else None
+        with local_disk("cannot record the change"):
+            self.journal.append(record)
+        if inode is not None:
             inode.seq = seq
             self._attach(inode, directory, name)
-        self.journal.append(record)
         directory.pending[name] = inode
         directory.pending_seq[name] = seq
         if inode is None or inode.ready:
             self._want_publish(directory)
+
+    def _enter_new(self, directory: Directory, name: str, inode: Inode) -> None:
+        """Give a new inode its entry. One that cannot be recorded (a full disk) lets the inode and its local copy
+        go again, so a refused create, mkdir, symlink or link leaves nothing behind."""
+        try:
+            self._set_pending(directory, name, inode)
+        except FsError:
+            self.inodes.pop(inode.number, None)
+            if inode.local is not None:
+                self._release_local(inode)
+            raise
 
     def _touch(self, inode: Inode) -> None:
         """Re-record an inode's entry after its content or attributes changed."""
@@ -451,7 +496,15 @@ class GridFilesystem:
                 if item is not None:
                     item.metadata = dict(listing[name].metadata)
                     self._maybe_drop(item)
-        self.journal.append({"op": "published", "seqs": published})
+        self._record_progress({"op": "published", "seqs": published})
+
+    def _record_progress(self, record: dict[str, Any]) -> None:
+        """Journal that something reached the grid. Losing such a record costs only work (a replay uploads or
+        publishes that again, to the same result), so a full disk is logged rather than failing anything."""
+        try:
+            self.journal.append(record)
+        except OSError as exc:
+            log.warning("cannot journal %s (it is redone after a restart): %s", record["op"], exc)
 
     async def _retry_publish(self, directory: Directory) -> None:
         await trio.sleep(PUBLISH_RETRY)
@@ -459,7 +512,10 @@ class GridFilesystem:
 
     def _maybe_compact(self) -> None:
         if not any(d.pending for d in self.directories.values()) and not self._queued:
-            self.journal.rewrite([])
+            try:
+                self.journal.rewrite([])
+            except OSError as exc:  # the journal as it was still replays to the same state
+                log.warning("cannot compact the journal: %s", exc)
 
     async def _replay_journal(self) -> None:
         """Put the changes a previous run left unpublished back in the queue."""
@@ -537,7 +593,7 @@ class GridFilesystem:
     async def _upload_worker(self) -> None:
         async for local in self._uploads_receive:
             self._queued.discard(local.id)
-            if local.writers == 0 and local.dirty:
+            if local.writers == 0 and local.dirty and not self._orphaned(local):
                 await self._upload(local)
             self._note_progress()
 
@@ -568,7 +624,7 @@ class GridFilesystem:
             if local.version != version:
                 return  # written again meanwhile: the next close uploads the newer content
             local.uploaded_version = version
-            self.journal.append({"op": "uploaded", "local": local.id, "cap": cap.to_string()})
+            self._record_progress({"op": "uploaded", "local": local.id, "cap": cap.to_string()})
             for owner in owners:
                 owner.cap, owner.failure = cap, None
                 if owner.parent is not None and owner.parent.pending.get(owner.name) is owner:
@@ -602,27 +658,21 @@ class GridFilesystem:
         file."""
         if inode.local is not None:
             if truncate and inode.local.size:
-                inode.local.truncate(0)
+                with local_disk("cannot truncate the local copy"):
+                    inode.local.truncate(0)
             return inode.local
-        local = self.local_files.new()
-        try:
-            if not truncate:
-                offset = 0
-
-                def append(data: bytes) -> None:
-                    nonlocal offset
-                    os.pwrite(local.fd, data, offset)
-                    offset += len(data)
-
-                await self._content(inode.cap, append)
-                local.size = offset
-                local.uploaded_version = local.version  # the same bytes as the grid holds
-        except LafsError as exc:
-            local.remove()
-            raise FsError(errno.EIO, f"cannot read the file: {exc}") from None
-        except BaseException:
-            local.remove()
-            raise
+        with local_disk("cannot make a local copy of the file"):
+            local = self.local_files.new()
+            try:
+                if not truncate:
+                    await self._content(inode.cap, local.fill)
+                    local.uploaded_version = local.version  # the same bytes as the grid holds
+            except LafsError as exc:
+                local.remove()
+                raise FsError(errno.EIO, f"cannot read the file: {exc}") from None
+            except BaseException:
+                local.remove()
+                raise
         inode.local = local
         inode.local_seen = inode.parent.reads if inode.parent is not None else 0
         self.local_owners.setdefault(local.id, set()).add(inode)
@@ -664,7 +714,8 @@ class GridFilesystem:
             if node.kind != FILE:
                 raise FsError(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
             local = await self._materialize(node, truncate=changes.size == 0)
-            local.truncate(changes.size)
+            with local_disk("cannot resize the local copy"):
+                local.truncate(changes.size)
             fields.mtime_ns = now
             if local.writers == 0:
                 self._queue_upload(local)
@@ -677,8 +728,7 @@ class GridFilesystem:
         if changes.mtime_ns is not None:
             fields.mtime_ns = changes.mtime_ns
         fields.ctime_ns = now
-        self._set_fields(node, fields)
-        self._touch(node)
+        self._change_fields(node, fields)
         return await self._attributes(node)
 
     async def readlink(self, inode: int) -> str:
@@ -719,7 +769,7 @@ class GridFilesystem:
         assert inode.directory is not None
         inode.directory.set_listing({})
         self._set_fields(inode, self._new_fields(caller, mode))
-        self._set_pending(directory, name, inode)
+        self._enter_new(directory, name, inode)
         inode.lookups += 1
         return await self._attributes(inode)
 
@@ -734,9 +784,11 @@ class GridFilesystem:
             inode.cap = LiteralCap(data)
         else:
             local = await self._materialize(inode, truncate=True)
-            local.pwrite(0, data)
-            self._queue_upload(local)
-        self._set_pending(directory, name, inode)
+            with local_disk("cannot keep the link's target"):
+                local.fill(data)
+        self._enter_new(directory, name, inode)
+        if inode.local is not None:
+            self._queue_upload(inode.local)
         inode.lookups += 1
         return await self._attributes(inode)
 
@@ -816,7 +868,7 @@ class GridFilesystem:
         if node.local is not None:
             twin.local = node.local  # the same content: both entries get the cap its upload makes
             self.local_owners.setdefault(node.local.id, set()).add(twin)
-        self._set_pending(directory, new_name, twin)
+        self._enter_new(directory, new_name, twin)
         twin.lookups += 1
         return await self._attributes(twin)
 
@@ -863,8 +915,8 @@ class GridFilesystem:
         inode = self._new_inode(FILE, None, {})
         self._set_fields(inode, self._new_fields(caller, mode))
         local = await self._materialize(inode, truncate=True)
+        self._enter_new(directory, name, inode)
         local.writers += 1
-        self._set_pending(directory, name, inode)
         fh = self._new_handle(inode, True)
         inode.lookups += 1
         return fh, await self._attributes(inode)
@@ -891,7 +943,8 @@ class GridFilesystem:
         inode = handle.inode
         assert inode.local is not None
         was_dirty = inode.local.dirty
-        written = inode.local.pwrite(offset, data)
+        with local_disk("cannot write the local copy"):
+            written = inode.local.pwrite(offset, data)
         self._mark_written(inode, was_dirty)
         return written
 
@@ -903,11 +956,12 @@ class GridFilesystem:
 
     async def _sync_inode(self, inode: Inode) -> None:
         """Return once the inode's content and its entry (and its directories' entries) are on the grid."""
-        if inode.local is not None and inode.local.dirty:
+        if inode.local is not None and inode.local.dirty and not self._orphaned(inode.local):
             await self._upload(inode.local)
             if inode.local is not None and inode.local.dirty:
                 raise FsError(errno.EIO, f"upload failed: {inode.failure or 'the file changed during fsync'}")
-        self.journal.sync()
+        with local_disk("cannot sync the journal"):
+            self.journal.sync()
         node: Inode | None = inode
         while node is not None and node.parent is not None:
             directory = node.parent
@@ -964,7 +1018,8 @@ class GridFilesystem:
         directory = handle.inode.directory
         if directory is None:
             raise FsError(errno.ENOTDIR)
-        self.journal.sync()
+        with local_disk("cannot sync the journal"):
+            self.journal.sync()
         for name, item in list(directory.pending.items()):
             if item is not None:
                 await self._sync_inode(item)
@@ -1016,8 +1071,7 @@ class GridFilesystem:
             raise FsError(errno.ENODATA)
         fields.xattrs[name] = value
         fields.ctime_ns = time.time_ns()
-        self._set_fields(node, fields)
-        self._touch(node)
+        self._change_fields(node, fields)
 
     async def listxattr(self, inode: int) -> list[str]:
         node = self._inode(inode)
@@ -1035,8 +1089,7 @@ class GridFilesystem:
         if name not in fields.xattrs:
             raise FsError(errno.ENODATA)
         del fields.xattrs[name]
-        self._set_fields(node, fields)
-        self._touch(node)
+        self._change_fields(node, fields)
 
 
 def fsync_and_close(descriptors: list[int], directory: Path) -> None:
@@ -1049,11 +1102,14 @@ def fsync_and_close(descriptors: list[int], directory: Path) -> None:
             log.warning("fsync of a closed file failed: %s", exc)
         finally:
             os.close(fd)
-    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+    except OSError as exc:  # as above: the files are safe from a crash, only power loss could lose their names
+        log.warning("fsync of the local files' directory failed: %s", exc)
 
 
 @asynccontextmanager

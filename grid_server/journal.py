@@ -5,10 +5,16 @@ process loses nothing the kernel acknowledged; `sync` adds an fsync, for `fsync`
 fsyncs it (with the closed files' content) shortly after every close, against power loss. A torn
 last line (the process died mid-append) is ignored on replay. When nothing is pending the journal is rewritten
 empty, so it never grows without bound. The journal holds caps: it lives under private/ (0700) and is 0600.
+
+A full disk: the journal keeps disk blocks claimed ahead of its end (`RESERVE`, without growing the file), so when
+the disk fills up, file data stops but changes go on being recorded for a while, above all the unlink that makes
+room again. An append the disk refuses all the same is cut off again, so the next record never lands behind a
+torn one (replay would take the two for one damaged line and skip both).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -16,14 +22,22 @@ from typing import Any
 
 import orjson
 
+from . import disk_space
+
 log = logging.getLogger("blackmatch.journal")
+
+RESERVE = 256 * 1024  # bytes claimed past the end: some 700 changes still recorded on a full disk
 
 
 class WriteJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._end = os.fstat(self._fd).st_size  # where the last whole record ends
+        self._reserved_to = self._end
+        self._can_reserve = True  # until the filesystem says it cannot
         self._unsynced = False
+        self._keep_reserve()
 
     def replay(self) -> list[dict[str, Any]]:
         """The records written so far, oldest first."""
@@ -44,8 +58,36 @@ class WriteJournal:
         return records
 
     def append(self, record: dict[str, Any]) -> None:
-        os.write(self._fd, orjson.dumps(record) + b"\n")
+        """Add one record whole, or raise OSError (ENOSPC, say) with the journal as it was."""
+        line = orjson.dumps(record) + b"\n"
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"the journal took {written} of {len(line)} bytes")
+        except OSError:
+            self._cut_back()
+            raise
+        self._end += written
         self._unsynced = True
+        self._keep_reserve()
+
+    def _keep_reserve(self) -> None:
+        """Claim the next RESERVE bytes once half of the last claim is used, while the disk has room."""
+        if not self._can_reserve or self._reserved_to - self._end >= RESERVE // 2:
+            return
+        try:
+            disk_space.reserve(self._fd, self._end, RESERVE)
+        except OSError as exc:
+            self._can_reserve = exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS)
+            return  # the disk is full: what is claimed already still serves
+        self._reserved_to = self._end + RESERVE
+
+    def _cut_back(self) -> None:
+        self._reserved_to = self._end  # the claim is used up (that is why the append failed), or cut with it
+        try:
+            os.ftruncate(self._fd, self._end)
+        except OSError as exc:  # replay still skips a torn line; only one squeezed behind it would be lost
+            log.error("cannot cut a failed append off the journal: %s", exc)
 
     def sync(self) -> None:
         if self._unsynced:
@@ -58,14 +100,20 @@ class WriteJournal:
     def rewrite(self, records: list[dict[str, Any]]) -> None:
         """Replace the journal by `records` atomically (write aside, fsync, rename)."""
         temporary = self.path.with_suffix(".new")
-        with open(temporary, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
-            out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.path)
+        try:
+            with open(temporary, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
+                out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.path)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # the journal itself is untouched
+            raise
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._end = self._reserved_to = os.fstat(self._fd).st_size
         self._unsynced = False
+        self._keep_reserve()  # the old journal's claim went with it
 
     def close(self) -> None:
         self.sync()

@@ -38,6 +38,15 @@ class LocalFile:
         self.mark_dirty()
         return written
 
+    def fill(self, data: bytes) -> None:
+        """Append content the grid already holds (a copy being made): all of it, or OSError. A short write is
+        the disk filling up, and must never leave a hole that would be uploaded as zeros."""
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, self.size)
+            self.size += written
+            view = view[written:]
+
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
         self.size = size

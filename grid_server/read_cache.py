@@ -38,7 +38,6 @@ disk writes add no latency to cold reads. Large disk reads and writes, and the h
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import functools
 import hashlib
@@ -59,6 +58,8 @@ from lafs_core.caps import ChkCap, LiteralCap
 from lafs_core.errors import LafsError
 from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid
+
+from .disk_space import punch_hole
 
 log = logging.getLogger("blackmatch.read_cache")
 
@@ -84,9 +85,6 @@ DIGEST_SIZE = 32
 CHECK_SIZE = 16
 SLOT_SIZE = DIGEST_SIZE + CHECK_SIZE
 _EMPTY_SLOT = bytes(SLOT_SIZE)
-
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
 
 
 class CacheInUseError(RuntimeError):
@@ -232,28 +230,6 @@ def _pread_checked(fd: int, offset: int, length: int, digest: bytes) -> bytes | 
     if len(data) != length or hashlib.sha256(data).digest() != digest:
         return None
     return data
-
-
-def _load_libc_fallocate():
-    try:
-        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    fallocate.restype = ctypes.c_int
-    return fallocate
-
-
-_fallocate = _load_libc_fallocate()
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free the disk blocks of [offset, offset+length) without changing the file's size (Linux fallocate)."""
-    if _fallocate is None:
-        raise OSError(95, "fallocate is not available")
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @dataclass
@@ -1006,7 +982,7 @@ class ReadCache:
         assert entry.data_fd is not None and entry.meta_fd is not None
         start, stop = entry.span(segnum)
         try:
-            _punch_hole(entry.data_fd, start, stop - start)
+            punch_hole(entry.data_fd, start, stop - start)
         except OSError as exc:
             log.warning("read cache: cannot punch holes in cache files (%s); evicting whole files only", exc)
             self._punch_supported = False

@@ -11,6 +11,7 @@ import contextvars
 import dataclasses
 import errno
 import os
+import shutil
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,8 @@ from lafs_core.grid.directory import linker, modify_directory, read_directory
 from lafs_core.grid.download import read_immutable
 from lafs_core.grid.mutable_io import create_mutable
 from lafs_core.grid.nodedir import NodeDirectory
+
+from .small_disk import fill_up, needs_root, small_tmpfs
 
 CALLER = Caller(os.getuid(), os.getgid(), 0o022)
 OPTIONS = FilesystemOptions(cache_timeout=0.5, cache_size=64 << 20)
@@ -297,3 +300,89 @@ def test_a_mutable_files_copy_is_read_again_only_after_a_grid_re_read(node, monk
             assert retrieves == first + 1, "a re-read from the grid did not refresh the mutable file's copy"
 
     trio.run(main)
+
+
+@needs_root
+def test_a_full_disk_is_enospc_and_loses_nothing(node):
+    """The node directory's disk (a 4 MiB tmpfs under private/blackmatch) runs full: writes get ENOSPC, not EIO;
+    the journal's reserve still takes changes, so the unlink that makes room works; once the reserve is spent too,
+    new entries get ENOSPC and nothing of them is made. What was written before stays, the unlinked file is not
+    uploaded, and a restart (journal replay) shows exactly the changes that were accepted."""
+    kept, later = os.urandom(300_000), os.urandom(200_000)
+    state = node[0].private / "blackmatch"
+    accepted: list[str] = []
+
+    async def fill(fs: GridFilesystem) -> None:
+        await write_file(fs, ROOT_INODE, "kept.bin", kept)
+        fh, big = await fs.create(ROOT_INODE, "big.bin", 0o644, os.O_WRONLY | os.O_CREAT, CALLER)
+        with pytest.raises(FsError) as full:
+            for offset in range(0, 64 << 20, 1 << 20):
+                await fs.write(fh, offset, os.urandom(1 << 20))
+        assert full.value.errno == errno.ENOSPC
+        await fs.release(fh)
+        await fs.unlink(ROOT_INODE, "big.bin")  # recorded in the reserve
+        await fs.forget([(big.inode, 1)])  # the kernel lets go of it: its local copy goes, unuploaded
+        assert shutil.disk_usage(state).free > 3 << 20
+        await write_file(fs, ROOT_INODE, "later.bin", later)
+
+        fill_up(state / "filler")
+        handles, refused = [], None
+        for number in range(10_000):  # files held open stay pending, so the journal grows until the reserve is spent
+            try:
+                fh, _ = await fs.create(ROOT_INODE, f"open{number}", 0o644, os.O_WRONLY | os.O_CREAT, CALLER)
+            except FsError as exc:
+                refused = (f"open{number}", exc.errno)
+                break
+            handles.append(fh)
+            accepted.append(f"open{number}")
+        assert refused is not None and refused[1] == errno.ENOSPC
+        assert len(accepted) > 100
+        with pytest.raises(FsError) as lookup:
+            await fs.lookup(ROOT_INODE, refused[0])  # refused: nothing of it was made
+        assert lookup.value.errno == errno.ENOENT
+        for fh in handles:
+            await fs.release(fh)
+        assert await read_file(fs, (await fs.lookup(ROOT_INODE, "kept.bin")).inode) == kept
+        (state / "filler").unlink()
+        assert await fs.drain()
+
+    async def reopened(fs: GridFilesystem) -> None:
+        names = set(await grid_listing(fs, node[1]))
+        assert names == {"kept.bin", "later.bin", *accepted}
+        assert await read_file(fs, (await fs.lookup(ROOT_INODE, "later.bin")).inode) == later
+
+    with small_tmpfs(state, 4 << 20):
+        run(node, fill)
+        run(node, reopened)
+
+
+def test_content_unlinked_before_its_upload_is_never_uploaded(node):
+    """A file whose every name is gone before its upload starts (a temporary file, say) costs no upload, and its
+    local copy goes once the last handle and lookup do; a hard link keeps the content wanted."""
+    shares = node[0].path / "local-grid"
+
+    def share_files() -> int:
+        return sum(1 for path in shares.rglob("*") if path.is_file() and path.name.isdigit())
+
+    async def body(fs: GridFilesystem) -> None:
+        await write_file(fs, ROOT_INODE, "kept.bin", os.urandom(100_000))
+        before = share_files()
+        assert before > 0
+        fh, temporary = await fs.create(ROOT_INODE, "scratch.tmp", 0o644, os.O_RDWR | os.O_CREAT, CALLER)
+        await fs.write(fh, 0, os.urandom(500_000))
+        scratch_copy = fs.inodes[temporary.inode].local.path  # type: ignore[union-attr]
+        fh_linked, linked = await fs.create(ROOT_INODE, "linked.tmp", 0o644, os.O_RDWR | os.O_CREAT, CALLER)
+        await fs.write(fh_linked, 0, b"x" * 100_000)
+        await fs.link(linked.inode, ROOT_INODE, "linked.bin")
+        for name in ("scratch.tmp", "linked.tmp"):
+            await fs.unlink(ROOT_INODE, name)
+        for handle in (fh, fh_linked):
+            await fs.release(handle)
+        await fs.forget([(temporary.inode, 1), (linked.inode, 1)])
+        assert await fs.drain()
+        listing = await grid_listing(fs, node[1])
+        assert set(listing) == {"kept.bin", "linked.bin"}
+        assert share_files() == before + 10  # linked.bin's shares only
+        assert not scratch_copy.exists()
+
+    run(node, body)
