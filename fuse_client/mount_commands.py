@@ -42,11 +42,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from grid_server.failures import log_failure, sole_exception
+from grid_server.failures import log_failure
 from grid_server.operations import FsError, Operations
 from grid_server.pid_lock import PidLock, lock_held_on
 from lafs_core.caps import ChkVerifierCap, DirectoryCap, MutableVerifierCap, parse_known_cap
-from lafs_core.errors import LafsError
+from lafs_core.errors import LafsError, sole_exception
 from lafs_core.grid.nodedir import NodeDirectory
 
 from .background import Report, configure_logging, start_daemon

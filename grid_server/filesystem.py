@@ -276,10 +276,12 @@ class GridFilesystem:
         return (not local.dirty and local.id not in self._queued) or self._orphaned(local)
 
     def _orphaned(self, local: LocalFile) -> bool:
-        """Whether every name of this content is gone (unlinked, or renamed over): an upload of it would never be
-        read, so none is made, and its disk space comes back once the last handle and lookup go. Temporary files,
-        editors' swap files and the like then cost no upload."""
-        return not any(owner.parent is not None for owner in self.local_owners.get(local.id, ()))
+        """Whether every name of this new content is gone (unlinked, or renamed over): an upload of it would never
+        be read, so none is made, and its disk space comes back once the last handle and lookup go. Temporary
+        files, editors' swap files and the like then cost no upload. A mutable file's content is never orphaned:
+        it is published to its cap, which other entries, mounts or clients may hold."""
+        owners = self.local_owners.get(local.id, ())
+        return not any(owner.parent is not None or isinstance(owner.cap, MutableWriteCap) for owner in owners)
 
     def _attach(self, inode: Inode, directory: Directory, name: str) -> None:
         inode.parent, inode.name = directory, name
@@ -427,10 +429,14 @@ class GridFilesystem:
         try:
             self._set_pending(directory, name, inode)
         except FsError:
-            self.inodes.pop(inode.number, None)
-            if inode.local is not None:
-                self._release_local(inode)
+            self._abandon(inode)
             raise
+
+    def _abandon(self, inode: Inode) -> None:
+        """Let go of a new inode that never got its entry, and of its local copy."""
+        self.inodes.pop(inode.number, None)
+        if inode.local is not None:
+            self._release_local(inode)
 
     def _touch(self, inode: Inode) -> None:
         """Re-record an inode's entry after its content or attributes changed."""
@@ -499,8 +505,10 @@ class GridFilesystem:
         self._record_progress({"op": "published", "seqs": published})
 
     def _record_progress(self, record: dict[str, Any]) -> None:
-        """Journal that something reached the grid. Losing such a record costs only work (a replay uploads or
-        publishes that again, to the same result), so a full disk is logged rather than failing anything."""
+        """Journal that something reached the grid. Losing such a record costs work (a replay after a crash
+        uploads or publishes that again; a republished entry can undo a change made to it elsewhere since), which
+        is rare and small next to failing what already reached the grid, so a full disk is logged. Records use
+        the journal's reserve, so this takes a full disk and the reserve spent."""
         try:
             self.journal.append(record)
         except OSError as exc:
@@ -783,9 +791,13 @@ class GridFilesystem:
         if len(data) <= LIT_THRESHOLD:
             inode.cap = LiteralCap(data)
         else:
-            local = await self._materialize(inode, truncate=True)
-            with local_disk("cannot keep the link's target"):
-                local.fill(data)
+            try:
+                local = await self._materialize(inode, truncate=True)
+                with local_disk("cannot keep the link's target"):
+                    local.fill(data)
+            except FsError:
+                self._abandon(inode)
+                raise
         self._enter_new(directory, name, inode)
         if inode.local is not None:
             self._queue_upload(inode.local)
@@ -852,11 +864,13 @@ class GridFilesystem:
                 assert replaced.directory is not None
                 if (await self._fresh(replaced.directory)).names():
                     raise FsError(errno.ENOTEMPTY)
+        # The new name is recorded before anything changes: refused (a full disk), the rename changes nothing;
+        # and a crash or refusal between the two records leaves two names, never none.
+        self._set_pending(target_dir, name_new, inode)
+        if replaced is not None:
             self._detach(replaced)
-        # The new name first: a crash between the two journal records leaves two names, never none.
         if source_dir.inodes.get(name_old) is inode:
             del source_dir.inodes[name_old]
-        self._set_pending(target_dir, name_new, inode)
         self._set_pending(source_dir, name_old, REMOVED)
 
     async def link(self, inode: int, new_parent: int, new_name: str) -> Attributes:
@@ -869,6 +883,8 @@ class GridFilesystem:
             twin.local = node.local  # the same content: both entries get the cap its upload makes
             self.local_owners.setdefault(node.local.id, set()).add(twin)
         self._enter_new(directory, new_name, twin)
+        if twin.local is not None and twin.local.dirty and twin.local.writers == 0:
+            self._queue_upload(twin.local)  # wanted again, if its upload was skipped while it had no name
         twin.lookups += 1
         return await self._attributes(twin)
 
@@ -895,10 +911,16 @@ class GridFilesystem:
             self._check_writable(node.parent)
             if not self._replaceable(node.cap):
                 raise FsError(errno.EACCES, "the file is read-only")
+            had_copy = node.local is not None
             local = await self._materialize(node, truncate=bool(flags & os.O_TRUNC))
-            local.writers += 1
             if flags & os.O_TRUNC:
-                self._mark_written(node, was_dirty=False)
+                try:
+                    self._mark_written(node, was_dirty=False)
+                except FsError:  # not recorded (a full disk): a copy made just now goes, and the file is as it was
+                    if not had_copy:
+                        self._release_local(node)
+                    raise
+            local.writers += 1
         elif isinstance(node.cap, MutableWriteCap | MutableReadCap):
             await self._materialize(node)
         return self._new_handle(node, writable)
@@ -914,7 +936,11 @@ class GridFilesystem:
         directory = await self._new_entry_checks(parent, name)
         inode = self._new_inode(FILE, None, {})
         self._set_fields(inode, self._new_fields(caller, mode))
-        local = await self._materialize(inode, truncate=True)
+        try:
+            local = await self._materialize(inode, truncate=True)
+        except FsError:
+            self._abandon(inode)
+            raise
         self._enter_new(directory, name, inode)
         local.writers += 1
         fh = self._new_handle(inode, True)

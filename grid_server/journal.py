@@ -2,14 +2,16 @@
 
 Each change is appended (and flushed to the kernel) before the operation that made it returns, so a killed
 process loses nothing the kernel acknowledged; `sync` adds an fsync, for `fsync` callers, and the filesystem
-fsyncs it (with the closed files' content) shortly after every close, against power loss. A torn
-last line (the process died mid-append) is ignored on replay. When nothing is pending the journal is rewritten
+fsyncs it (with the closed files' content) shortly after every close, against power loss. A torn last line (a
+power loss mid-append) is ignored on replay and cut off when the journal is opened, so no record is ever
+written behind it. When nothing is pending the journal is rewritten
 empty, so it never grows without bound. The journal holds caps: it lives under private/ (0700) and is 0600.
 
 A full disk: the journal keeps disk blocks claimed ahead of its end (`RESERVE`, without growing the file), so when
 the disk fills up, file data stops but changes go on being recorded for a while, above all the unlink that makes
 room again. An append the disk refuses all the same is cut off again, so the next record never lands behind a
-torn one (replay would take the two for one damaged line and skip both).
+torn one (replay would take the two for one damaged line and skip both). Records are written at the end of the
+last whole one (pwrite, not O_APPEND), so even a cut that fails is overwritten by the next record.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ RESERVE = 256 * 1024  # bytes claimed past the end: some 700 changes still recor
 class WriteJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._end = os.fstat(self._fd).st_size  # where the last whole record ends
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._end = _whole_records_end(self._fd)  # where the last whole record ends
         self._reserved_to = self._end
         self._can_reserve = True  # until the filesystem says it cannot
         self._unsynced = False
+        if os.fstat(self._fd).st_size != self._end:
+            self._cut_back()
         self._keep_reserve()
 
     def replay(self) -> list[dict[str, Any]]:
@@ -61,7 +65,7 @@ class WriteJournal:
         """Add one record whole, or raise OSError (ENOSPC, say) with the journal as it was."""
         line = orjson.dumps(record) + b"\n"
         try:
-            written = os.write(self._fd, line)
+            written = os.pwrite(self._fd, line, self._end)
             if written != len(line):
                 raise OSError(errno.ENOSPC, f"the journal took {written} of {len(line)} bytes")
         except OSError:
@@ -86,7 +90,7 @@ class WriteJournal:
         self._reserved_to = self._end  # the claim is used up (that is why the append failed), or cut with it
         try:
             os.ftruncate(self._fd, self._end)
-        except OSError as exc:  # replay still skips a torn line; only one squeezed behind it would be lost
+        except OSError as exc:  # replay skips the torn line, and the next record is written over it
             log.error("cannot cut a failed append off the journal: %s", exc)
 
     def sync(self) -> None:
@@ -100,17 +104,21 @@ class WriteJournal:
     def rewrite(self, records: list[dict[str, Any]]) -> None:
         """Replace the journal by `records` atomically (write aside, fsync, rename)."""
         temporary = self.path.with_suffix(".new")
+        fd = -1
         try:
             with open(temporary, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
                 out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
                 out.flush()
                 os.fsync(out.fileno())
+            fd = os.open(temporary, os.O_RDWR)
             os.replace(temporary, self.path)
         except OSError:
+            if fd >= 0:
+                os.close(fd)
             temporary.unlink(missing_ok=True)  # the journal itself is untouched
             raise
         os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._fd = fd
         self._end = self._reserved_to = os.fstat(self._fd).st_size
         self._unsynced = False
         self._keep_reserve()  # the old journal's claim went with it
@@ -118,3 +126,16 @@ class WriteJournal:
     def close(self) -> None:
         self.sync()
         os.close(self._fd)
+
+
+def _whole_records_end(fd: int) -> int:
+    """The length of the file up to and including its last newline: what follows is a torn record."""
+    end = os.fstat(fd).st_size
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0

@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import trio
 
+from lafs_core.errors import sole_exception
 from lafs_core.grid.nodedir import NodeDirectory
 
-from .failures import log_failure, sole_exception
+from .failures import log_failure
 from .node_state import open_node_state
 from .pid_lock import PidLock
 from .rpc_server import GridServer, listen

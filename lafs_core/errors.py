@@ -1,10 +1,18 @@
-"""Exceptions shared by the format modules, so callers can tell bad input from bad shares."""
+"""Exceptions shared by the format modules, so callers can tell bad input from bad shares; and `sole_exception`,
+which takes the one exception out of the groups trio's nurseries wrap around it."""
 
 from collections.abc import Hashable
 
 
 class LafsError(Exception):
     """Base class of every error lafs_core raises on purpose."""
+
+
+def sole_exception(exc: BaseException) -> BaseException:
+    """`exc` without the exception groups of one member that nurseries wrap around it."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class FormatError(LafsError, ValueError):

@@ -16,6 +16,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -27,7 +28,7 @@ from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Ca
 from lafs_core.caps import parse_cap
 from lafs_core.grid.directory import linker, modify_directory, read_directory
 from lafs_core.grid.download import read_immutable
-from lafs_core.grid.mutable_io import create_mutable
+from lafs_core.grid.mutable_io import create_mutable, retrieve
 from lafs_core.grid.nodedir import NodeDirectory
 
 from .small_disk import fill_up, needs_root, small_tmpfs
@@ -304,28 +305,36 @@ def test_a_mutable_files_copy_is_read_again_only_after_a_grid_re_read(node, monk
 
 @needs_root
 def test_a_full_disk_is_enospc_and_loses_nothing(node):
-    """The node directory's disk (a 4 MiB tmpfs under private/blackmatch) runs full: writes get ENOSPC, not EIO;
-    the journal's reserve still takes changes, so the unlink that makes room works; once the reserve is spent too,
-    new entries get ENOSPC and nothing of them is made. What was written before stays, the unlinked file is not
-    uploaded, and a restart (journal replay) shows exactly the changes that were accepted."""
+    """The node directory's disk (a 4 MiB tmpfs under private/blackmatch) runs full: writes, and copying a file
+    to change it, get ENOSPC, not EIO; the journal's reserve still takes changes, so the unlink that makes room
+    works; once the reserve is spent too, a create, a rename over a file and an O_TRUNC open get ENOSPC and change
+    nothing. What was written before stays, the unlinked file is not uploaded, and a restart (journal replay)
+    shows exactly the changes that were accepted."""
     kept, later = os.urandom(300_000), os.urandom(200_000)
     state = node[0].private / "blackmatch"
     accepted: list[str] = []
 
+    async def full(call: Awaitable[Any]) -> None:
+        with pytest.raises(FsError) as refused:
+            await call
+        assert refused.value.errno == errno.ENOSPC, refused.value
+
     async def fill(fs: GridFilesystem) -> None:
-        await write_file(fs, ROOT_INODE, "kept.bin", kept)
+        for name, data in (("kept.bin", kept), ("later.bin", later)):
+            inode = await write_file(fs, ROOT_INODE, name, data)
+            await fs.forget([(inode, 1)])  # its local copy goes: changing it needs a new copy
         fh, big = await fs.create(ROOT_INODE, "big.bin", 0o644, os.O_WRONLY | os.O_CREAT, CALLER)
-        with pytest.raises(FsError) as full:
+        with pytest.raises(FsError) as too_big:
             for offset in range(0, 64 << 20, 1 << 20):
                 await fs.write(fh, offset, os.urandom(1 << 20))
-        assert full.value.errno == errno.ENOSPC
+        assert too_big.value.errno == errno.ENOSPC
         await fs.release(fh)
         await fs.unlink(ROOT_INODE, "big.bin")  # recorded in the reserve
         await fs.forget([(big.inode, 1)])  # the kernel lets go of it: its local copy goes, unuploaded
         assert shutil.disk_usage(state).free > 3 << 20
-        await write_file(fs, ROOT_INODE, "later.bin", later)
 
         fill_up(state / "filler")
+        await full(fs.open((await fs.lookup(ROOT_INODE, "kept.bin")).inode, os.O_WRONLY))  # no room for a copy
         handles, refused = [], None
         for number in range(10_000):  # files held open stay pending, so the journal grows until the reserve is spent
             try:
@@ -340,20 +349,45 @@ def test_a_full_disk_is_enospc_and_loses_nothing(node):
         with pytest.raises(FsError) as lookup:
             await fs.lookup(ROOT_INODE, refused[0])  # refused: nothing of it was made
         assert lookup.value.errno == errno.ENOENT
+        await full(fs.rename(ROOT_INODE, "kept.bin", ROOT_INODE, "later.bin", 0))
+        await full(fs.open((await fs.lookup(ROOT_INODE, "later.bin")).inode, os.O_WRONLY | os.O_TRUNC))
+        for name, data in (("kept.bin", kept), ("later.bin", later)):
+            assert await read_file(fs, (await fs.lookup(ROOT_INODE, name)).inode) == data
         for fh in handles:
             await fs.release(fh)
-        assert await read_file(fs, (await fs.lookup(ROOT_INODE, "kept.bin")).inode) == kept
         (state / "filler").unlink()
         assert await fs.drain()
 
     async def reopened(fs: GridFilesystem) -> None:
         names = set(await grid_listing(fs, node[1]))
         assert names == {"kept.bin", "later.bin", *accepted}
-        assert await read_file(fs, (await fs.lookup(ROOT_INODE, "later.bin")).inode) == later
+        for name, data in (("kept.bin", kept), ("later.bin", later)):
+            assert await read_file(fs, (await fs.lookup(ROOT_INODE, name)).inode) == data
 
     with small_tmpfs(state, 4 << 20):
         run(node, fill)
         run(node, reopened)
+
+
+def test_a_mutable_file_unlinked_while_open_is_still_published(node):
+    """A mutable file's content belongs to its cap, which others may hold: writes to it are published even when
+    this name of it is gone."""
+
+    async def main() -> None:
+        async with open_filesystem(node[0], node[1], OPTIONS) as fs:
+            cap = await create_mutable(fs.grid, b"version one")
+            await modify_directory(fs.grid, parse_cap(node[1]), linker("m", cap, replace_files=True))  # type: ignore[arg-type]
+            fs.root.directory.fetched_at = 0
+            inode = (await fs.lookup(ROOT_INODE, "m")).inode
+            fh = await fs.open(inode, os.O_WRONLY | os.O_TRUNC)
+            await fs.write(fh, 0, b"version two")
+            await fs.unlink(ROOT_INODE, "m")
+            await fs.release(fh)
+            await fs.forget([(inode, 1)])
+            assert await fs.drain()
+            assert (await retrieve(fs.grid, cap))[0] == b"version two"
+
+    trio.run(main)
 
 
 def test_content_unlinked_before_its_upload_is_never_uploaded(node):

@@ -77,3 +77,14 @@ def test_a_full_disk_still_takes_changes_from_the_reserve(tmp_path: Path) -> Non
         for seq in range(100):
             journal.append({**record, "seq": seq})
         journal.close()
+
+
+def test_a_torn_tail_is_cut_off_when_the_journal_opens(tmp_path: Path) -> None:
+    """A power loss mid-append leaves a line without its newline: the next run's first record must not be glued
+    to it (replay would skip both as one damaged line)."""
+    path = tmp_path / "journal"
+    path.write_bytes(orjson.dumps({"op": "set", "seq": 1}) + b"\n" + b'{"op":"set","se')
+    journal = WriteJournal(path)
+    journal.append({"op": "set", "seq": 3})
+    assert [record["seq"] for record in journal.replay()] == [1, 3]
+    assert path.read_bytes().endswith(b"\n")

@@ -18,6 +18,7 @@ import trio
 from .. import base32
 from ..block_reader import BlockReader
 from ..caps import ChkCap, LiteralCap
+from ..errors import sole_exception
 from ..fetch import FetchBatch, FetchResults, Span
 from ..immutable.decode import ChkReader
 from ..mutable.retrieve import ShareRef
@@ -168,16 +169,19 @@ class ImmutableFile:
             results[segnum] = await self.segment(segnum)
             ready[segnum].set()
 
-        async with trio.open_nursery() as nursery:
-            for segnum in range(first, min(first + READAHEAD_SEGMENTS, last + 1)):
-                nursery.start_soon(fetch, segnum)
-            for segnum in range(first, last + 1):
-                await ready[segnum].wait()
-                if segnum + READAHEAD_SEGMENTS <= last:
-                    nursery.start_soon(fetch, segnum + READAHEAD_SEGMENTS)
-                data = results.pop(segnum)
-                seg_start = segnum * segsize
-                await sink(data[max(start - seg_start, 0) : end - seg_start])
+        try:
+            async with trio.open_nursery() as nursery:
+                for segnum in range(first, min(first + READAHEAD_SEGMENTS, last + 1)):
+                    nursery.start_soon(fetch, segnum)
+                for segnum in range(first, last + 1):
+                    await ready[segnum].wait()
+                    if segnum + READAHEAD_SEGMENTS <= last:
+                        nursery.start_soon(fetch, segnum + READAHEAD_SEGMENTS)
+                    data = results.pop(segnum)
+                    seg_start = segnum * segsize
+                    await sink(data[max(start - seg_start, 0) : end - seg_start])
+        except BaseExceptionGroup as group:  # the caller gets the LafsError of a fetch, or the sink's own error
+            raise sole_exception(group) from None
 
 
 async def read_immutable(grid: Grid, cap: ChkCap | LiteralCap, start: int = 0, end: int | None = None) -> bytes:
