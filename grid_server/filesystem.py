@@ -75,6 +75,7 @@ CAP_XATTR, READCAP_XATTR = "user.tahoe.cap", "user.tahoe.readcap"
 READDIR_BATCH = 512
 PUBLISH_COALESCE = 0.05  # seconds a directory waits for more changes before it publishes
 PUBLISH_RETRY = 2.0
+DRAIN_CHECK = 1.0  # seconds between a drain's looks at whether anything moved
 NAME_MAX = 255
 BLOCK = 4096
 
@@ -134,6 +135,7 @@ class GridFilesystem:
         self._uploads_send, self._uploads_receive = trio.open_memory_channel[LocalFile](1 << 20)
         self._queued: set[str] = set()
         self._changed = trio.Event()
+        self._done = 0  # uploads and publishes done: what a drain watches, with the grid's stored bytes
         self._closed_unsynced: dict[str, LocalFile] = {}  # closed files whose content is not fsynced yet
         self._closed_wanted = trio.Event()
         root_dir = self._directory(root)
@@ -149,26 +151,35 @@ class GridFilesystem:
             self.nursery.start_soon(self._upload_worker)
 
     async def drain(self, give_up_after: float = 120.0) -> bool:
-        """Wait until every change is on the grid; False if that made no progress for `give_up_after` seconds
-        (the journal keeps the rest for the next start)."""
+        """Wait until every change is on the grid; False once nothing has moved for `give_up_after` seconds (the
+        journal keeps the rest for the next start). Moving is an upload or publish done, or share bytes stored:
+        a long upload of a big file keeps the drain going, failed attempts against a grid that is down do not."""
         for inode in list(self.inodes.values()):
             if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
                 self._queue_upload(inode.local)
+        mark, quiet_since = self._progress_mark(), trio.current_time()
         while self.outstanding():
             for directory in self.directories.values():
-                if directory.pending:
+                if any(item is REMOVED or item.ready for item in directory.pending.values()):
                     directory.request_publish(urgent=True)
             changed = self._changed  # several drains may wait at once: each on the event current now
-            with trio.move_on_after(give_up_after) as waited:
+            with trio.move_on_after(DRAIN_CHECK):
                 await changed.wait()
-            if waited.cancelled_caught:
+            now, current = trio.current_time(), self._progress_mark()
+            if current != mark:
+                mark, quiet_since = current, now
+            elif now - quiet_since >= give_up_after:
                 left = self.outstanding()
                 log.warning("unmounting with %d changes still queued; they resume on the next mount", left)
                 return False
         return True
 
+    def _progress_mark(self) -> tuple[int, int]:
+        return self._done, self.grid.stored_bytes
+
     def _note_progress(self) -> None:
-        """Wake every drain waiting now; later ones wait for the next progress."""
+        """Count a piece of work done and wake every drain waiting now; later ones wait for the next."""
+        self._done += 1
         self._changed.set()
         self._changed = trio.Event()
 
@@ -466,7 +477,6 @@ class GridFilesystem:
                 await self._publish(directory, batch)
             done, directory.round_done = directory.round_done, trio.Event()
             done.set()
-            self._note_progress()
             if not directory.pending:
                 self._maybe_compact()
 
@@ -503,6 +513,7 @@ class GridFilesystem:
                     item.metadata = dict(listing[name].metadata)
                     self._maybe_drop(item)
         self._record_progress({"op": "published", "seqs": published})
+        self._note_progress()
 
     def _record_progress(self, record: dict[str, Any]) -> None:
         """Journal that something reached the grid. Losing such a record costs work (a replay after a crash
@@ -603,7 +614,8 @@ class GridFilesystem:
             self._queued.discard(local.id)
             if local.writers == 0 and local.dirty and not self._orphaned(local):
                 await self._upload(local)
-            self._note_progress()
+            else:
+                self._note_progress()  # nothing to do after all: one change less outstanding
 
     async def _upload(self, local: LocalFile) -> None:
         """Upload the local file's current content and give its owners the new cap."""
@@ -637,6 +649,7 @@ class GridFilesystem:
                 owner.cap, owner.failure = cap, None
                 if owner.parent is not None and owner.parent.pending.get(owner.name) is owner:
                     self._want_publish(owner.parent)
+            self._note_progress()
 
     async def _retry_upload(self, local: LocalFile) -> None:
         await trio.sleep(PUBLISH_RETRY * 2)

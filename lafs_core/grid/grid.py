@@ -52,6 +52,8 @@ class Grid:
     keys: KeyPool = field(default_factory=lambda: KeyPool(rsa.generate_private_key))
     known_writers: OrderedDict[bytes, WriterKeys] = field(default_factory=OrderedDict, init=False, repr=False)
     _upload_locks: dict[bytes, trio.Lock] = field(default_factory=dict, init=False, repr=False)
+    stored_bytes: int = field(default=0, init=False)
+    """Share bytes servers have accepted from uploads so far: tells a slow upload from one that is stuck."""
 
     def permuted(self, storage_index: bytes) -> list[StorageServer]:
         return permuted(self.servers, storage_index)

@@ -289,6 +289,7 @@ async def _stream(
         try:
             complete = await writer.server.write_share_chunk(storage_index, writer.shnum, upload_secret, offset, data)
             writer.complete = writer.complete or complete
+            grid.stored_bytes += len(data)
         except StorageServerError as exc:
             log.warning("server %s failed during upload: %s", writer.server.nickname, exc)
             writer.failed = True
