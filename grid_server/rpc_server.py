@@ -34,6 +34,9 @@ from typing import Any
 
 import trio
 
+from lafs_core.caps import parse_cap
+from lafs_core.errors import LafsError, sole_exception
+
 from .filesystem import FilesystemOptions, GridFilesystem, open_root
 from .node_state import NodeState
 from .operations import FsError
@@ -188,6 +191,10 @@ class GridServer:
     # --- roots ----------------------------------------------------------------------------------------------
     async def root_for(self, root_cap: str, settings: dict[str, Any]) -> Root:
         """The open root for `root_cap`, opened now (with the mount's settings) if no mount has it yet."""
+        try:  # one Root per cap, however it is written ("ro." prefixes, spaces): two would share one journal
+            root_cap = parse_cap(root_cap.strip(), allow_prefixes=True).to_string()
+        except LafsError as exc:
+            raise FsError(errno.EINVAL, f"the root is not a valid cap: {exc}") from None
         async with self._attach_lock:
             root = self.roots.get(root_cap)
             if root is None:
@@ -197,10 +204,11 @@ class GridServer:
                 assert self._roots_nursery is not None
                 try:
                     root = await self._roots_nursery.start(self._run_root, root_cap, options)
-                except FsError:
+                except Exception as exc:  # a cap that is not a directory, say; the rest is the server's failure
+                    failure = sole_exception(exc)
+                    if isinstance(failure, LafsError):
+                        raise FsError(errno.EINVAL, f"cannot open the root: {failure}") from None
                     raise
-                except Exception as exc:
-                    raise FsError(errno.EINVAL, f"cannot open the root: {exc}") from None
                 self.roots[root_cap] = root
             return root
 
@@ -346,7 +354,7 @@ class Connection:
     async def _attach(self, root_cap: str, settings: dict[str, Any]) -> dict[str, Any]:
         if self.root is not None:
             raise FsError(errno.EISCONN, "this connection is already a mount")
-        self.root = await self.server.root_for(root_cap.strip(), settings)
+        self.root = await self.server.root_for(root_cap, settings)
         self.server.count_mount(+1)
         options = self.root.filesystem.options
         log.info("a mount attached (%d now)", self.server.mounts)

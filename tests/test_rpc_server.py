@@ -30,6 +30,7 @@ from grid_server.operations import ROOT_INODE, Caller, FsError, Operations
 from grid_server.rpc_methods import METHODS
 from grid_server.rpc_server import GridServer, listen
 from grid_server.rpc_wire import VERSION, FrameReader, encode_frame, hello, request
+from lafs_core.caps import parse_cap
 
 CALLER = Caller(os.getuid(), os.getgid(), 0o022)
 
@@ -151,6 +152,20 @@ async def mounted(socket_path: Path, root_cap: str) -> AsyncIterator[RpcConnecti
 async def still_served(connection: RpcConnection) -> None:
     attributes = await RpcOperations(connection).getattr(ROOT_INODE)  # type: ignore[attr-defined]
     assert attributes.inode == ROOT_INODE
+
+
+def test_one_root_however_its_cap_is_written(node):
+    """Mounts of one root share one filesystem however the cap is written (Tahoe's "ro." prefix, spaces): two
+    filesystems of one root would work on one journal and one directory of local files."""
+
+    async def body(socket_path: Path, root_cap: str) -> None:
+        readonly = parse_cap(root_cap).readonly().to_string()
+        async with mounted(socket_path, readonly) as first, mounted(socket_path, f" ro.{readonly}\n") as second:
+            assert (await first.call("status"))["roots"] == 1
+            await still_served(first)
+            await still_served(second)
+
+    serve(node, body)
 
 
 def test_client_and_server_do_the_filesystem_operations(node):
