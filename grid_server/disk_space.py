@@ -6,6 +6,7 @@ Python's os module has only posix_fallocate, which grows the file; both uses her
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 _FALLOC_FL_KEEP_SIZE = 1
@@ -27,7 +28,7 @@ _fallocate = _load_libc_fallocate()
 
 def _call(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate is None:
-        raise OSError(95, "fallocate is not available")
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

@@ -160,7 +160,7 @@ class GridFilesystem:
         mark, quiet_since = self._progress_mark(), trio.current_time()
         while self.outstanding():
             for directory in self.directories.values():
-                if any(item is REMOVED or item.ready for item in directory.pending.values()):
+                if directory.ready_changes():
                     directory.request_publish(urgent=True)
             changed = self._changed  # several drains may wait at once: each on the event current now
             with trio.move_on_after(DRAIN_CHECK):
@@ -468,11 +468,7 @@ class GridFilesystem:
             if not directory.urgent:
                 await trio.sleep(PUBLISH_COALESCE)
             directory.urgent = False
-            batch = {
-                name: (item, directory.pending_seq[name])
-                for name, item in directory.pending.items()
-                if item is REMOVED or item.ready
-            }
+            batch = directory.ready_changes()
             if batch:
                 await self._publish(directory, batch)
             done, directory.round_done = directory.round_done, trio.Event()
@@ -929,7 +925,8 @@ class GridFilesystem:
             if flags & os.O_TRUNC:
                 try:
                     self._mark_written(node, was_dirty=False)
-                except FsError:  # not recorded (a full disk): a copy made just now goes, and the file is as it was
+                except FsError:  # not recorded (a full disk): a copy made just now goes again; one that was there
+                    # already stays emptied (its old content is on the grid under the unchanged entry)
                     if not had_copy:
                         self._release_local(node)
                     raise

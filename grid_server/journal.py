@@ -1,11 +1,11 @@
 """The write-back journal: an append-only file of JSON lines recording changes not yet on the grid.
 
-Each change is appended (and flushed to the kernel) before the operation that made it returns, so a killed
-process loses nothing the kernel acknowledged; `sync` adds an fsync, for `fsync` callers, and the filesystem
-fsyncs it (with the closed files' content) shortly after every close, against power loss. A torn last line (a
-power loss mid-append) is ignored on replay and cut off when the journal is opened, so no record is ever
-written behind it. When nothing is pending the journal is rewritten
-empty, so it never grows without bound. The journal holds caps: it lives under private/ (0700) and is 0600.
+Each change is appended (and flushed to the kernel) before the operation that made it returns, so a killed process
+loses nothing the kernel acknowledged; `sync` adds an fsync, for `fsync` callers, and the filesystem fsyncs it (with
+the closed files' content) shortly after every close, against power loss. A torn last line (a power loss mid-append)
+is ignored on replay and cut off when the journal is opened, so no record is ever written behind it. When nothing is
+pending the journal is rewritten empty, so it never grows without bound. The journal holds caps: it lives under
+private/ (0700) and is 0600.
 
 A full disk: the journal keeps disk blocks claimed ahead of its end (`RESERVE`, without growing the file), so when
 the disk fills up, file data stops but changes go on being recorded for a while, above all the unlink that makes

@@ -1,5 +1,5 @@
-"""File content kept in the cache directory until it is on the grid: files being written, and written files
-waiting for their upload. Each is one plain file `private/blackmatch/roots/KEY/files/<id>` (0600), named by a random id.
+"""File content kept on local disk until it is on the grid: files being written, and written files waiting for
+their upload. Each is one plain file `private/blackmatch/roots/KEY/files/<id>` (0600), named by a random id.
 """
 
 from __future__ import annotations

@@ -90,6 +90,13 @@ class Directory:
             return self.pending[name] is not REMOVED
         return self.listing is not None and name in self.listing
 
+    def ready_changes(self) -> dict[str, tuple[Inode | None, int]]:
+        """The pending changes that can be published now (removals, and entries whose content is on the grid),
+        with their journal sequence numbers."""
+        return {
+            name: (item, self.pending_seq[name]) for name, item in self.pending.items() if item is REMOVED or item.ready
+        }
+
     def request_publish(self, urgent: bool = False) -> None:
         self.urgent = self.urgent or urgent
         self.publish_wanted.set()

@@ -38,9 +38,6 @@ from .mounting import (
 )
 from .shared_data import sample_caps
 
-HAVE_FILESYSTEM = (ROOT / "grid_server" / "filesystem.py").exists()
-requires_filesystem = pytest.mark.skipif(not HAVE_FILESYSTEM, reason="grid_server/filesystem.py is not written yet")
-
 
 def one_line_error(result: subprocess.CompletedProcess, status: int = 1) -> str:
     assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
@@ -141,7 +138,6 @@ def test_fuse_options():
 
 # --- real mounts -----------------------------------------------------------------------------------------------
 @requires_fuse
-@requires_filesystem
 def test_mount_write_unmount_remount(tmp_path):
     node, mountpoint = tmp_path / "node", tmp_path / "mnt"
     data = os.urandom(300_000)
@@ -167,7 +163,6 @@ def test_mount_write_unmount_remount(tmp_path):
 
 
 @requires_fuse
-@requires_filesystem
 def test_mount_refuses_a_mounted_mountpoint(tmp_path):
     node, mountpoint = tmp_path / "node", tmp_path / "mnt"
     with Mount(node, mountpoint):
@@ -176,7 +171,6 @@ def test_mount_refuses_a_mounted_mountpoint(tmp_path):
 
 
 @requires_fuse
-@requires_filesystem
 def test_foreground_mount_stops_on_sigterm_and_keeps_what_was_written(tmp_path):
     """SIGTERM unmounts and the process exits 0 after uploading, even with a file still open for writing
     (the kernel never sends that file's RELEASE: the shim releases it when the session ends)."""
@@ -226,7 +220,6 @@ def test_foreground_mount_stops_on_sigterm_and_keeps_what_was_written(tmp_path):
 
 
 @requires_fuse
-@requires_filesystem
 def test_dead_mount_is_reported_and_unmount_clears_it(tmp_path):
     node, mountpoint = tmp_path / "node", tmp_path / "mnt"
     with Mount(node, mountpoint) as mount:
@@ -236,7 +229,7 @@ def test_dead_mount_is_reported_and_unmount_clears_it(tmp_path):
         assert wait_until_gone(pid)
         mount.killed = True
         assert find_mount(mount.mountpoint) is not None  # the kernel still lists the dead mount
-        line = one_line_error(blackmatch("mount", str(mountpoint), "-d", str(node), "--no-split"))
+        line = one_line_error(blackmatch("mount", str(mountpoint), "-d", str(node), *mode_args()))
         assert "no blackmatch process serves it" in line and "blackmatch unmount" in line
         result = blackmatch("unmount", str(mountpoint), "-d", str(node))
         assert result.returncode == 0, result.stderr
@@ -247,7 +240,6 @@ def test_dead_mount_is_reported_and_unmount_clears_it(tmp_path):
 
 
 @requires_fuse
-@requires_filesystem
 def test_kill_mount_helper(tmp_path):
     node, mountpoint = tmp_path / "node", tmp_path / "mnt"
     with Mount(node, mountpoint) as mount:

@@ -36,6 +36,7 @@ from .mounting import (
     server_pid,
     wait_until_gone,
 )
+from .small_disk import needs_root
 
 pytestmark = needs_fuse
 
@@ -158,6 +159,7 @@ def test_a_stale_socket_is_replaced(tmp_path):
         assert (again.mountpoint / "before.txt").read_text() == "before the crash"
 
 
+@needs_root  # the test client becomes uid 65534
 def test_another_uid_is_refused(tmp_path):
     """Another user cannot reach the socket (0600 in a 0700 directory); and if it could (here: a hard link to the
     socket in an open directory, the socket's mode loosened), the server itself refuses it by the peer's uid."""
