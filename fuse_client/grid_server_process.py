@@ -9,10 +9,14 @@ the server cannot start, the error gives the server log's path and its last line
 
 from __future__ import annotations
 
+import argparse
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from grid_server.pid_lock import lock_held
 from grid_server.rpc_wire import FrameReader, ProtocolError, check_server_hello, encode_frame, hello, request
@@ -118,3 +122,35 @@ def _run_server(node: NodeDirectory, cache_size: int | None, report: Report) -> 
     from grid_server.service import run_grid_server
 
     return run_grid_server(node, cache_size if cache_size is not None else FilesystemOptions.cache_size, report)
+
+
+async def start_grid_server_apart(node: NodeDirectory, cache_size: int | None) -> None:
+    """`ensure_grid_server` run in a new process (`python -m fuse_client.grid_server_process`), for a mount that
+    is already serving: its process has threads and holds the FUSE device, so a daemon forked from it could
+    inherit both (and a FUSE descriptor left open in the server would keep a dead mount's connection alive)."""
+    command = [sys.executable, "-m", "fuse_client.grid_server_process", str(node.path)]
+    if cache_size is not None:
+        command += ["--cache-size", str(cache_size)]
+    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode != 0:
+        problem = result.stderr.decode("utf-8", "replace").strip() or f"status {result.returncode}"
+        raise ServerStartError(f"starting the grid server failed: {problem}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fuse_client.grid_server_process", description="Find or start a node's grid server."
+    )
+    parser.add_argument("node_directory", metavar="NODEDIR", type=Path)
+    parser.add_argument("--cache-size", type=int, metavar="BYTES")
+    args = parser.parse_args()
+    try:
+        ensure_grid_server(NodeDirectory(args.node_directory), args.cache_size)
+    except LafsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,6 @@ grid_server_process.py), and unmounting waits until that server has put this mou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import hashlib
 import logging
@@ -51,7 +50,7 @@ from lafs_core.grid.nodedir import NodeDirectory
 
 from .background import Report, configure_logging, start_daemon
 from .grid_commands import create_node
-from .grid_server_process import ensure_grid_server
+from .grid_server_process import ensure_grid_server, start_grid_server_apart
 from .node_options import DEFAULT_NODE_DIRECTORY, add_node_directory_option
 from .rpc_client import ServerUnavailable, open_rpc_operations
 from .shim import FuseShim
@@ -186,13 +185,10 @@ def split_transport(node: NodeDirectory, root_cap: str, settings: FilesystemSett
                     in_effect.get(name),
                 )
 
-    return lambda: open_rpc_operations(socket_path, root_cap, settings.given(), note_settings, _connection_lost)
+    async def start_server() -> None:
+        await start_grid_server_apart(node, settings.cache_size)
 
-
-def _connection_lost(reason: str) -> None:
-    log.error("%s; unmounting", reason)
-    with contextlib.suppress(Exception):
-        pyfuse3.terminate()
+    return lambda: open_rpc_operations(socket_path, root_cap, settings.given(), note_settings, start_server)
 
 
 def choose_transport(split: bool) -> Transport:

@@ -3,9 +3,15 @@ server, many in flight on one connection (the wire format is in grid_server/rpc_
 grid_server/rpc_methods.py).
 
 `RpcOperations` has one method per operation, made from the method table, so the shim cannot tell it from an
-in-process filesystem. A failed call raises `FsError` with the server's errno and message. If the connection
-ends while the mount is up (the server died), every waiting call fails with ENOTCONN and `lost` is set, which
-the mount takes as the end of the filesystem.
+in-process filesystem. A failed call raises `FsError` with the server's errno and message.
+
+If the connection ends while the mount is up (the grid server died), the calls waiting on it fail with ENOTCONN
+and the mount attaches again: `keep_attached` starts a new server (which replays the journal) and a new
+connection, while calls that arrive meanwhile wait for that attempt. The mount never ends by itself, so the
+mountpoint never turns back into a plain local directory under a program writing there; while no server can be
+started, every call fails with ENOTCONN and the attempts go on with capped back-off. Files opened before the
+restart fail with EIO, and inodes the kernel got from the old server are unknown to the new one (ESTALE, after
+which the kernel looks their paths up again): numbers never repeat across server runs (grid_server/node_state.py).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import errno
 import itertools
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,8 @@ from lafs_core.errors import LafsError
 log = logging.getLogger("blackmatch.rpc")
 
 RECEIVE_BYTES = 256 * 1024
+FIRST_RETRY = 1.0  # seconds between attempts to attach again to a new grid server, doubling up to LAST_RETRY
+LAST_RETRY = 30.0
 
 
 class ServerUnavailable(LafsError):
@@ -109,6 +117,14 @@ class RpcConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._lose(f"the grid server connection broke: {exc}")
 
+    async def serve(self) -> None:
+        """Read replies until the connection ends, then close it."""
+        try:
+            await self.receive_replies()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
     def _lose(self, reason: str) -> None:
         if not self.lost.is_set():
             self.lost_reason = reason
@@ -164,7 +180,7 @@ async def open_connection(socket_path: Path) -> AsyncIterator[RpcConnection]:
 
 def _forwarder(method: Method) -> Callable[..., Coroutine[Any, Any, Any]]:
     async def forward(self: RpcOperations, *args: Any) -> Any:
-        return await self.connection.call(method.name, *args)
+        return await (await self.current_connection()).call(method.name, *args)
 
     forward.__name__ = forward.__qualname__ = method.name
     forward.__doc__ = f"`{method.name}` on the grid server."
@@ -172,15 +188,52 @@ def _forwarder(method: Method) -> Callable[..., Coroutine[Any, Any, Any]]:
 
 
 class RpcOperations:
-    """The Operations interface over an RPC connection that is attached to a root."""
+    """The Operations interface over an RPC connection that is attached to a root; `keep_attached` replaces the
+    connection when the server it goes to has died."""
 
     def __init__(self, connection: RpcConnection) -> None:
         self.connection = connection
+        self.reattaching: trio.Event | None = None  # set while an attempt to attach again runs; fires when it ends
+
+    async def current_connection(self) -> RpcConnection:
+        """The connection calls go to: while an attempt to attach again runs, the one it makes."""
+        if self.reattaching is not None:
+            await self.reattaching.wait()
+        return self.connection
 
 
 for _method in METHODS.values():
     if not _method.connection:
         setattr(RpcOperations, _method.name, _forwarder(_method))
+
+
+Attach = Callable[[], Awaitable[RpcConnection]]
+
+
+async def keep_attached(operations: RpcOperations, attach_again: Attach) -> None:
+    """Whenever the connection is lost, attach again (`attach_again` starts a grid server if none runs), with
+    capped back-off while that fails. A failure that is not the grid server's absence (a bug) is logged with its
+    traceback and ends the attempts: the mount stays, and its calls fail with ENOTCONN until it is unmounted."""
+    while True:
+        await operations.connection.lost.wait()
+        log.error("%s; starting the grid server again", operations.connection.lost_reason)
+        pause = FIRST_RETRY
+        while operations.connection.lost.is_set():
+            attempt = operations.reattaching = trio.Event()
+            try:
+                operations.connection = await attach_again()
+            except (LafsError, FsError, OSError) as exc:
+                log.error("cannot attach to a grid server: %s; trying again in %g s", exc, pause)
+            except Exception:
+                log.exception("attaching to a new grid server failed unexpectedly; giving up until unmounted")
+                return
+            finally:
+                operations.reattaching = None
+                attempt.set()
+            if operations.connection.lost.is_set():
+                await trio.sleep(pause)
+                pause = min(pause * 2, LAST_RETRY)
+        log.info("attached to a new grid server; files open before it started fail with EIO")
 
 
 @asynccontextmanager
@@ -189,21 +242,37 @@ async def open_rpc_operations(
     root_cap: str,
     settings: dict[str, Any],
     on_settings: Callable[[dict[str, Any]], None],
-    on_lost: Callable[[str], None],
+    start_server: Callable[[], Awaitable[None]] | None,
 ) -> AsyncIterator[RpcOperations]:
-    """Attach to the server as a mount of `root_cap` (`on_settings` gets the settings in effect); `on_lost` is
-    called if the server goes away meanwhile. On exit, wait until the root's changes are on the grid (the
-    server's drain), then close: that closing is what tells the server this mount is gone."""
-    async with open_connection(socket_path) as connection:
-        on_settings(await connection.call("attach", root_cap, settings))
-        async with trio.open_nursery() as nursery:
+    """Attach to the server as a mount of `root_cap` (`on_settings` gets the settings in effect). If the server
+    goes away meanwhile, `start_server` starts one again and the mount attaches to it (without it, the calls fail
+    with ENOTCONN from then on). On exit, wait until the root's changes are on the grid (the server's drain),
+    then close: that closing is what tells the server this mount is gone."""
+    async with trio.open_nursery() as nursery:
 
-            async def watch() -> None:
-                await connection.lost.wait()
-                on_lost(connection.lost_reason)
+        async def attach() -> tuple[RpcConnection, dict[str, Any]]:
+            connection = await connect(socket_path)
+            nursery.start_soon(connection.serve)
+            try:
+                return connection, await connection.call("attach", root_cap, settings)
+            except BaseException:
+                await connection.stream.aclose()
+                raise
 
-            nursery.start_soon(watch)
-            yield RpcOperations(connection)
-            nursery.cancel_scope.cancel()
-        if not connection.lost.is_set() and not await connection.call("drain"):
+        async def attach_again() -> RpcConnection:
+            assert start_server is not None
+            await start_server()
+            return (await attach())[0]
+
+        connection, in_effect = await attach()
+        on_settings(in_effect)
+        operations = RpcOperations(connection)
+        if start_server is not None:
+            nursery.start_soon(keep_attached, operations, attach_again)
+        yield operations
+        connection = await operations.current_connection()
+        if connection.lost.is_set():
+            log.warning("no grid server to upload this mount's changes; they stay queued for the next mount")
+        elif not await connection.call("drain"):
             log.warning("the grid server could not upload everything; the rest stays queued in its journal")
+        nursery.cancel_scope.cancel()

@@ -115,6 +115,7 @@ class GridFilesystem:
         state_dir: Path,
         nursery: trio.Nursery,
         read_cache: ReadCache,
+        first_number: int,
     ) -> None:
         self.grid = grid
         self.options = options
@@ -129,8 +130,9 @@ class GridFilesystem:
         self.handles: dict[int, _Handle] = {}
         self.local_owners: dict[str, set[Inode]] = {}
         self.upload_locks: dict[str, trio.Lock] = {}
-        self._next_inode = ROOT_INODE + 1
-        self._next_handle = 1
+        self._first_number = first_number
+        self._next_inode = max(first_number, ROOT_INODE + 1)
+        self._next_handle = max(first_number, 1)
         self._seq = 0
         self._uploads_send, self._uploads_receive = trio.open_memory_channel[LocalFile](1 << 20)
         self._queued: set[str] = set()
@@ -908,8 +910,14 @@ class GridFilesystem:
     def _handle(self, fh: int) -> _Handle:
         handle = self.handles.get(fh)
         if handle is None:
-            raise FsError(errno.EBADF)
+            raise self._unknown_handle(fh)
         return handle
+
+    def _unknown_handle(self, fh: int) -> FsError:
+        """EIO for a handle an earlier run of the server gave out (the file is to be opened again), else EBADF."""
+        if fh < self._first_number:
+            return FsError(errno.EIO, "the file was opened before the grid server started again; open it again")
+        return FsError(errno.EBADF)
 
     async def open(self, inode: int, flags: int) -> int:
         node = self._inode(inode)
@@ -1012,7 +1020,7 @@ class GridFilesystem:
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if handle is None:
-            raise FsError(errno.EBADF)
+            raise self._unknown_handle(fh)
         inode = handle.inode
         inode.opens -= 1
         if handle.writable and inode.local is not None:
@@ -1162,7 +1170,9 @@ async def open_root(state: NodeState, root_cap: str, options: FilesystemOptions)
     try:
         async with trio.open_nursery() as nursery:
             directory = state.root_directory(root)
-            filesystem = GridFilesystem(state.grid, root, options, directory, nursery, state.read_cache)
+            filesystem = GridFilesystem(
+                state.grid, root, options, directory, nursery, state.read_cache, state.first_number
+            )
             try:
                 await filesystem.start()
                 yield filesystem

@@ -29,6 +29,7 @@ from .read_cache import CacheInUseError, ReadCache
 from .server_files import state_directory
 
 SPARE_KEYS = 4  # RSA keys kept ready for mkdir (each takes ~50 ms of CPU to make)
+RUN_BITS = 32  # inode and handle numbers are RUN << RUN_BITS | a counter (see NodeState.run)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,15 @@ class NodeState:
     grid: Grid
     read_cache: ReadCache
     directory: Path
+    # Which start of a process serving this node directory this is (1, 2, ...). Inode and file handle numbers
+    # begin at `run << RUN_BITS`, so a grid server started again under live mounts never gives out a number the
+    # kernel still holds from the one before: an old inode is unknown (ESTALE, and the kernel looks its path up
+    # again), an old handle is refused, and neither can reach another file.
+    run: int
+
+    @property
+    def first_number(self) -> int:
+        return self.run << RUN_BITS
 
     def root_directory(self, root: DirectoryCap) -> Path:
         """`roots/KEY` for one root (0700). A journal and local files left at the top level by a version before
@@ -47,6 +57,21 @@ class NodeState:
             if (self.directory / legacy).exists() and not (path / legacy).exists():
                 os.rename(self.directory / legacy, path / legacy)
         return path
+
+
+def next_run(directory: Path) -> int:
+    """Count one more start in `directory/runs` and return it. The caller holds the node directory (the read
+    cache's lock), so no other process counts at the same time; the file is replaced whole, never torn."""
+    path = directory / "runs"
+    try:
+        previous = int(path.read_text())
+    except (OSError, ValueError):
+        previous = 0
+    run = previous % ((1 << (63 - RUN_BITS)) - 1) + 1
+    temporary = path.with_name("runs.new")
+    temporary.write_text(f"{run}\n")
+    os.replace(temporary, path)
+    return run
 
 
 @asynccontextmanager
@@ -66,7 +91,7 @@ async def open_node_state(node: NodeDirectory, cache_size: int) -> AsyncIterator
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(grid.keys.keep_filled, SPARE_KEYS)
-                yield NodeState(grid, cache, directory)
+                yield NodeState(grid, cache, directory, next_run(directory))
                 nursery.cancel_scope.cancel()
         finally:
             await cache.aclose()

@@ -217,8 +217,10 @@ def kill_mount(mount: Mount) -> None:
     blackmatch can tell), then lazily unmount the dead mount they leave."""
     assert mount.pid is not None, "no serving process known"
     server = server_pid(mount.node_dir) if mount.split else None
-    victims = [pid for pid in (server, mount.pid) if pid is not None]
-    for pid in victims:  # both before waiting: a server that saw its mount go first would start to drain
+    # The shim first, then the server, both before waiting: a server that saw its mount go first would start to
+    # drain, and a shim that saw its server go first would start another.
+    victims = [pid for pid in (mount.pid, server) if pid is not None]
+    for pid in victims:
         os.kill(pid, signal.SIGKILL)
     for pid in victims:
         assert wait_until_gone(pid), f"process {pid} survived SIGKILL"

@@ -7,13 +7,16 @@ controlling terminal), one per node directory shared by every mount of it, alive
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
+from random import Random
 
 import pytest
 
@@ -35,6 +38,7 @@ from .mounting import (
     process_alive,
     server_pid,
     wait_until_gone,
+    wipe_cache,
 )
 from .small_disk import needs_root
 
@@ -125,21 +129,121 @@ def test_kill_9_of_the_shim_lets_the_server_finish_and_exit(tmp_path):
     assert "released its 1 files" in log
 
 
-def test_a_mount_whose_server_dies_ends_instead_of_hanging(tmp_path):
-    """kill -9 of the grid server: the shim sees its connection go, unmounts and exits, so nothing waits forever
-    on a mount nobody serves; what was written and closed comes back with the next mount (from the journal)."""
+def test_a_mount_whose_server_dies_attaches_to_a_new_one(tmp_path):
+    """kill -9 of the grid server: the mount stays a blackmatch mount (never the plain directory beneath it), the
+    shim starts a new server and attaches to it; a file open across the kill fails with EIO, everything else goes
+    on, and what was written before and after is on the grid after the unmount."""
     node, mountpoint = tmp_path / "node", tmp_path / "mnt"
     with Mount(node, mountpoint, split=True) as mount:
-        (mount.mountpoint / "kept.txt").write_text("kept")
+        (mount.mountpoint / "sub").mkdir()
+        (mount.mountpoint / "sub" / "before.txt").write_text("written before the kill")
+        held = open(mount.mountpoint / "held.txt", "w")  # noqa: SIM115 - open across the kill on purpose
+        held.write("open at the kill")
+        held.flush()
         server = server_pid(node)
-        assert server is not None and mount.pid is not None
+        assert server is not None
         os.kill(server, signal.SIGKILL)
-        assert wait_until_gone(mount.pid, 30), "the shim kept serving a mount without its server"
-        assert find_mount(mount.mountpoint) is None
-        mount.killed = True
-        assert "unmounting" in mount.log()
+        assert wait_until_gone(server)
+        with pytest.raises(OSError) as failure:
+            held.write("more")
+            held.flush()
+        assert failure.value.errno == errno.EIO
+        with contextlib.suppress(OSError):
+            held.close()
+        assert find_mount(mount.mountpoint) is not None
+        assert (mount.mountpoint / "sub" / "before.txt").read_text() == "written before the kill"
+        (mount.mountpoint / "sub" / "after.txt").write_text("written after the kill")
+        assert server_pid(node) not in (None, server)
+        assert "starting the grid server again" in mount.log()
+    assert os.listdir(mountpoint) == [], "something was written to the directory beneath the mount"
     with Mount(node, mountpoint, split=True) as again:
-        assert (again.mountpoint / "kept.txt").read_text() == "kept"
+        assert (again.mountpoint / "sub" / "before.txt").read_text() == "written before the kill"
+        assert (again.mountpoint / "sub" / "after.txt").read_text() == "written after the kill"
+        assert (again.mountpoint / "held.txt").read_text() == "open at the kill"
+
+
+def test_a_mount_without_a_server_fails_every_call_until_one_starts(tmp_path):
+    """While no grid server can start (here: a broken tahoe.cfg), the mount stays and every call fails with
+    ENOTCONN, as a dead sshfs or rclone mount does; nothing lands in the directory beneath. Once a server can
+    start, the mount attaches again by itself."""
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint, split=True) as mount:
+        (mount.mountpoint / "before.txt").write_text("before")
+        config = node / "tahoe.cfg"
+        good = config.read_text()
+        config.write_text("[node\nthis is not a tahoe.cfg\n")
+        server = server_pid(node)
+        assert server is not None
+        os.kill(server, signal.SIGKILL)
+        assert wait_until_gone(server)
+        deadline = time.monotonic() + 60
+        while "cannot attach to a grid server" not in mount.log():
+            assert time.monotonic() < deadline, "no failed attempt to start the grid server was logged"
+            time.sleep(0.1)
+        for attempt in (lambda: (mount.mountpoint / "during.txt").write_text("lost?"), lambda: os.listdir(mountpoint)):
+            with pytest.raises(OSError) as failure:
+                attempt()
+            assert failure.value.errno == errno.ENOTCONN
+        assert find_mount(mount.mountpoint) is not None
+        config.write_text(good)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert (mount.mountpoint / "before.txt").read_text() == "before"
+                break
+            except OSError as exc:
+                assert exc.errno == errno.ENOTCONN, exc
+                assert time.monotonic() < deadline, "the mount did not attach to a new server within 60 s"
+                time.sleep(0.2)
+        (mount.mountpoint / "after.txt").write_text("after")
+    assert os.listdir(mountpoint) == [], "something was written to the directory beneath the mount"
+    with Mount(node, mountpoint, split=True) as again:
+        assert sorted(os.listdir(again.mountpoint)) == ["after.txt", "before.txt"]
+
+
+def test_kill_9_of_the_server_in_the_middle_of_cp_a(tmp_path):
+    """kill -9 of the grid server under a running cp -a: the copy fails loudly for what was in flight or held open
+    at the kill (cp names each, and exits 1; directories it holds open are stale), the mount stays, nothing lands
+    beneath it, and every file whose copy cp did not report is on the grid byte for byte after a remount with an
+    empty cache."""
+    node, mountpoint, source = tmp_path / "node", tmp_path / "mnt", tmp_path / "source"
+    random = Random(12)
+    files = {}
+    for number in range(240):
+        path = source / f"d{number % 8}" / f"f{number}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files[path.relative_to(source)] = random.randbytes(random.choice((0, 10, 4000, 70_000, 300_000)))
+        path.write_bytes(files[path.relative_to(source)])
+    with Mount(node, mountpoint, split=True) as mount:
+        target = mount.mountpoint / "copy"
+        copy = subprocess.Popen(
+            ["cp", "-a", str(source), str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while sum(len(names) for _, _, names in os.walk(target)) < 60:
+                assert copy.poll() is None, "cp finished before a quarter of the files: the test needs more"
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            server = server_pid(node)
+            assert server is not None
+            os.kill(server, signal.SIGKILL)
+            _, errors = copy.communicate(timeout=300)
+        finally:
+            copy.kill()
+        assert copy.returncode == (1 if errors else 0), errors
+        assert find_mount(mount.mountpoint) is not None
+        failed = {
+            path
+            for path in files
+            if f"'{target / path}'" in errors or f"cannot create directory '{target / path.parent}'" in errors
+        }
+    assert os.listdir(mountpoint) == [], "something was written to the directory beneath the mount"
+    wipe_cache(node)
+    with Mount(node, mountpoint, split=True) as again:
+        for path, content in files.items():
+            if path not in failed:
+                assert (again.mountpoint / "copy" / path).read_bytes() == content, path
 
 
 def test_a_stale_socket_is_replaced(tmp_path):
@@ -265,7 +369,7 @@ def test_a_server_gone_before_the_mount_is_ready_means_start_it_again(tmp_path):
     socket_path = server_files(tmp_path / "node").socket
 
     def opener():
-        return open_rpc_operations(socket_path, "URI:DIR2:x:y", {}, lambda _: None, lambda _: None)
+        return open_rpc_operations(socket_path, "URI:DIR2:x:y", {}, lambda _: None, None)
 
     plan = MountPlan(mountpoint, node, "tahoe:", opener, set())
     assert run_server(plan, lambda: None) == SERVER_GONE
