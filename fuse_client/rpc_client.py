@@ -169,13 +169,10 @@ async def connect(socket_path: Path) -> RpcConnection:
 async def open_connection(socket_path: Path) -> AsyncIterator[RpcConnection]:
     """A connection with its reply reader running, closed on exit."""
     connection = await connect(socket_path)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection.receive_replies)
-            yield connection
-            nursery.cancel_scope.cancel()
-    finally:
-        await connection.stream.aclose()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.serve)
+        yield connection
+        nursery.cancel_scope.cancel()
 
 
 def _forwarder(method: Method) -> Callable[..., Coroutine[Any, Any, Any]]:
