@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import errno
+import math
 import os
 import shutil
 import stat
@@ -54,6 +55,13 @@ def run(node: tuple[NodeDirectory, str], body: Callable[[GridFilesystem], Awaita
 
 async def grid_listing(fs: GridFilesystem, cap: str) -> dict:
     return await read_directory(fs.grid, parse_cap(cap))  # type: ignore[arg-type]
+
+
+def expire_listing(fs: GridFilesystem) -> None:
+    """Make the root's listing older than any cache timeout, so the next call re-reads it from the grid. Not by
+    setting the read time to 0: the monotonic clock counts from boot, and on a machine up for less than the
+    timeout a listing read at time 0 is still fresh."""
+    fs.root.directory.fetched_at = -math.inf
 
 
 async def write_file(fs: GridFilesystem, parent: int, name: str, data: bytes, sync: bool = True) -> int:
@@ -289,7 +297,7 @@ def test_a_mutable_files_copy_is_read_again_only_after_a_grid_re_read(node, monk
         async with open_filesystem(node[0], node[1], FilesystemOptions(cache_timeout=3600)) as fs:
             cap = await create_mutable(fs.grid, b"hello mutable")
             await modify_directory(fs.grid, parse_cap(node[1]), linker("m", cap, replace_files=True))  # type: ignore[arg-type]
-            fs.root.directory.fetched_at = 0  # stale: the next lookup re-reads the root and finds "m"
+            expire_listing(fs)  # the next lookup re-reads the root and finds "m"
             assert (await fs.lookup(ROOT_INODE, "m")).size == len(b"hello mutable")
             first = retrieves
             assert first >= 1
@@ -297,7 +305,7 @@ def test_a_mutable_files_copy_is_read_again_only_after_a_grid_re_read(node, monk
                 await write_file(fs, ROOT_INODE, f"f{i}", b"x" * 100)  # each fsync publishes the root
                 await fs.lookup(ROOT_INODE, "m")
             assert retrieves == first, "our own publishes made the mutable file download again"
-            fs.root.directory.fetched_at = 0
+            expire_listing(fs)
             await fs.lookup(ROOT_INODE, "m")
             assert retrieves == first + 1, "a re-read from the grid did not refresh the mutable file's copy"
 
@@ -378,7 +386,7 @@ def test_a_mutable_file_unlinked_while_open_is_still_published(node):
         async with open_filesystem(node[0], node[1], OPTIONS) as fs:
             cap = await create_mutable(fs.grid, b"version one")
             await modify_directory(fs.grid, parse_cap(node[1]), linker("m", cap, replace_files=True))  # type: ignore[arg-type]
-            fs.root.directory.fetched_at = 0
+            expire_listing(fs)
             inode = (await fs.lookup(ROOT_INODE, "m")).inode
             fh = await fs.open(inode, os.O_WRONLY | os.O_TRUNC)
             await fs.write(fh, 0, b"version two")
