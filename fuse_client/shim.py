@@ -215,6 +215,12 @@ class FuseShim(pyfuse3.Operations):
         return entry_attributes(await self.operations.symlink(parent_inode, text_name, text_target, caller(ctx)))
 
     @_replies
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(await self.operations.mknod(parent_inode, decode_name(name), mode, caller(ctx)))
+
+    @_replies
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.operations.unlink(parent_inode, decode_name(name))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -812,6 +813,18 @@ class GridFilesystem:
         self._enter_new(directory, name, inode)
         if inode.local is not None:
             self._queue_upload(inode.local)
+        inode.lookups += 1
+        return await self._attributes(inode)
+
+    async def mknod(self, parent: int, name: str, mode: int, caller: Caller) -> Attributes:
+        """A new empty regular file (`tar --xattrs` makes each file that has attributes this way, sets them, then
+        writes it). FIFOs, sockets and devices are refused with EPERM, as on filesystems that have none."""
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.EPERM, "only regular files can be made with mknod")
+        directory = await self._new_entry_checks(parent, name)
+        inode = self._new_inode(FILE, LiteralCap(b""), {})
+        self._set_fields(inode, self._new_fields(caller, mode))
+        self._enter_new(directory, name, inode)
         inode.lookups += 1
         return await self._attributes(inode)
 

@@ -167,6 +167,28 @@ def test_attributes_and_xattrs_live_in_metadata(node):
     run(node, body)
 
 
+def test_mknod_makes_regular_files_only(node):
+    """tar --xattrs makes each file that has attributes with mknod before it writes it. FIFOs and devices are
+    refused (EPERM), as on filesystems without special files."""
+
+    async def body(fs: GridFilesystem) -> None:
+        made = await fs.mknod(ROOT_INODE, "empty", stat.S_IFREG | 0o640, CALLER)
+        assert stat.S_ISREG(made.mode) and made.mode & 0o777 == 0o640 and made.size == 0
+        fh = await fs.open(made.inode, os.O_WRONLY)
+        await fs.write(fh, 0, b"filled")
+        await fs.release(fh)
+        with pytest.raises(FsError) as refused:
+            await fs.mknod(ROOT_INODE, "fifo", stat.S_IFIFO | 0o644, CALLER)
+        assert refused.value.errno == errno.EPERM
+        assert await fs.drain()
+        listing = await grid_listing(fs, node[1])
+        assert set(listing) == {"empty"}
+        assert listing["empty"].metadata["blackmatch"]["mode"] == 0o640
+        assert await read_immutable(fs.grid, listing["empty"].cap) == b"filled"  # type: ignore[arg-type]
+
+    run(node, body)
+
+
 def test_readdir_offsets_are_stable(node):
     async def body(fs: GridFilesystem) -> None:
         names = [f"file-{i:04d}" for i in range(1200)]
