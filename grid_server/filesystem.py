@@ -1100,22 +1100,38 @@ class GridFilesystem:
         return FsStats(BLOCK, blocks, blocks, blocks, 1 << 20, 1 << 20, NAME_MAX)
 
     # --- operations: extended attributes ------------------------------------------------------------------
+    # user.tahoe.cap and user.tahoe.readcap show an entry's caps to whoever asks by name, but listxattr leaves them
+    # out: cp -a, tar --xattrs and rsync -X copy what is listed, and a write cap in a copy or an archive would let
+    # whoever gets it change the grid object.
+    @staticmethod
+    def _cap_value(node: Inode, name: str) -> bytes | None:
+        """What the cap attribute `name` shows for the inode; None while its content is not on the grid."""
+        if node.cap is None or (node.local is not None and node.local.dirty):
+            return None
+        cap = node.cap if name == CAP_XATTR else node.cap.readonly()
+        return cap.to_string().encode("ascii")
+
     async def getxattr(self, inode: int, name: str) -> bytes:
         node = self._inode(inode)
         if name in (CAP_XATTR, READCAP_XATTR):
-            if node.cap is None or (node.local is not None and node.local.dirty):
+            value = self._cap_value(node, name)
+            if value is None:
                 raise FsError(errno.ENODATA, "the file is not on the grid yet")
-            cap = node.cap if name == CAP_XATTR else node.cap.readonly()
-            return cap.to_string().encode("ascii")
+            return value
         value = self._fields(node).xattrs.get(name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
 
     async def setxattr(self, inode: int, name: str, value: bytes, flags: int) -> None:
+        """Set a user attribute. A cap attribute cannot change: setting it to the cap it shows is a no-op (a copy
+        made before caps were unlisted carries them, and rsync -X back onto the same entries sets them again);
+        any other value is EPERM, which cp -a ignores and tar reports as a warning."""
         node = self._inode(inode)
         if name in (CAP_XATTR, READCAP_XATTR):
-            raise FsError(errno.EPERM, "caps are read-only attributes")
+            if value != self._cap_value(node, name):
+                raise FsError(errno.EPERM, "a cap attribute can only be set to the cap it already shows")
+            return
         if not name.startswith(XATTR_NAMESPACE):
             raise FsError(errno.ENOTSUP)
         self._check_writable(node.parent)
@@ -1131,16 +1147,12 @@ class GridFilesystem:
         self._change_fields(node, fields)
 
     async def listxattr(self, inode: int) -> list[str]:
-        node = self._inode(inode)
-        names = sorted(self._fields(node).xattrs)
-        if node.cap is not None and (node.local is None or not node.local.dirty):
-            names = [CAP_XATTR, READCAP_XATTR, *names]
-        return names
+        return sorted(self._fields(self._inode(inode)).xattrs)
 
     async def removexattr(self, inode: int, name: str) -> None:
         node = self._inode(inode)
         if name in (CAP_XATTR, READCAP_XATTR):
-            raise FsError(errno.EPERM, "caps are read-only attributes")
+            raise FsError(errno.EPERM, "cap attributes cannot be removed")
         self._check_writable(node.parent)
         fields = self._fields(node)
         if name not in fields.xattrs:

@@ -157,9 +157,18 @@ def test_attributes_and_xattrs_live_in_metadata(node):
         again = await fs.lookup(ROOT_INODE, "f")
         assert again.mode & 0o777 == 0o600 and again.mtime_ns == 1_500_000_000_123_456_789
         assert await fs.getxattr(again.inode, "user.color") == b"blue"
-        assert "user.color" in await fs.listxattr(again.inode)
-        with pytest.raises(FsError):
-            await fs.setxattr(again.inode, "user.tahoe.cap", b"URI:LIT:", 0)
+        assert await fs.listxattr(again.inode) == ["user.color"]  # caps are not listed: copies never carry them
+        cap = await fs.getxattr(again.inode, "user.tahoe.cap")
+        await fs.setxattr(again.inode, "user.tahoe.cap", cap, 0)  # the cap it has: a no-op
+        for change in (
+            lambda: fs.setxattr(again.inode, "user.tahoe.cap", b"URI:LIT:", 0),
+            lambda: fs.setxattr(again.inode, "user.tahoe.readcap", b"URI:LIT:", 0),
+            lambda: fs.removexattr(again.inode, "user.tahoe.cap"),
+        ):
+            with pytest.raises(FsError) as refused:
+                await change()
+            assert refused.value.errno == errno.EPERM
+        assert await fs.getxattr(again.inode, "user.tahoe.cap") == cap
         assert stat.S_ISLNK(link.mode) and await fs.readlink(link.inode) == "f" * 80
         await fs.setattr(again.inode, AttrChanges(size=10), None)
         assert (await fs.getattr(again.inode)).size == 10

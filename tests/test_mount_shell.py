@@ -3,14 +3,18 @@
 The tools do not know they work on a grid: cp -a, diff -r, tar, rsync, git, an editor's atomic save, >>,
 truncate, dd conv=notrunc, sparse files, chmod, touch -d, ln, ln -s, mv, find and du. After unmounting and
 wiping the cache, everything reads back identical from the grid, and `blackmatch get` gives the same bytes.
+Copies off the mount and back (cp -a, tar --xattrs, rsync -X) carry the user's attributes but never a cap.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from .mounting import MOUNT_MARKS, Mount, wipe_cache
 from .storage_cluster import StorageCluster, blackmatch
@@ -123,3 +127,60 @@ def test_shell_tools_on_the_mount(cluster: StorageCluster, tmp_path: Path) -> No
             assert (mountpoint / relative).read_bytes() == content
     for relative, content in expected.items():
         assert blackmatch("get", "-d", str(node), f"tahoe:{relative}").stdout == content
+
+
+def copied_xattrs(root: Path) -> dict[str, dict[str, bytes]]:
+    """Every listed extended attribute under `root` (itself included), by relative path."""
+    paths = [root, *sorted(root.rglob("*"))]
+    return {
+        str(path.relative_to(root)): {name: os.getxattr(path, name) for name in os.listxattr(path)} for path in paths
+    }
+
+
+def test_copies_of_the_mount_carry_no_caps(tmp_path: Path) -> None:
+    """cp -a, tar --xattrs and rsync -X copy the attributes listxattr lists: the caps (a directory's is its write
+    cap) must not be among them, while user.* attributes of the user's still go both ways. A copy made by an
+    older version carries caps: setting one to the cap it already has is accepted (rsync -X back onto the same
+    entries), other values are refused (EPERM) without failing cp -a or tar."""
+    node, mountpoint, work = tmp_path / "node", tmp_path / "mnt", tmp_path / "work"
+    work.mkdir()
+    with Mount(node, mountpoint):
+        tree = mountpoint / "tree"
+        (tree / "sub").mkdir(parents=True)
+        with open(tree / "sub" / "f", "wb") as file:
+            file.write(os.urandom(1000))
+            file.flush()
+            os.fsync(file.fileno())  # on the grid: the file has a cap now, as the directories have
+        os.setxattr(tree / "sub", "user.color", b"blue")
+        os.setxattr(tree / "sub" / "f", "user.color", b"red")
+        for path in (tree, tree / "sub", tree / "sub" / "f"):
+            assert os.getxattr(path, "user.tahoe.cap").startswith(b"URI:")  # readable by name
+        expected = {".": {}, "sub": {"user.color": b"blue"}, "sub/f": {"user.color": b"red"}}
+        assert copied_xattrs(tree) == expected
+
+        sh(f"cp -a tree {work}/cp && tar --xattrs -C tree -cf {work}/tree.tar .", mountpoint)
+        sh(f"mkdir {work}/untar && tar --xattrs -C {work}/untar -xf {work}/tree.tar", mountpoint)
+        sh(f"rsync -aX tree/ {work}/rsync/", mountpoint)
+        assert b"tahoe" not in (work / "tree.tar").read_bytes()
+        for copy in ("cp", "untar", "rsync"):
+            assert copied_xattrs(work / copy) == expected, copy
+
+        sh(f"cp -a {work}/cp cp && mkdir untar && tar --xattrs -C untar -xf {work}/tree.tar", mountpoint)
+        sh(f"rsync -aX {work}/rsync/ rsync/ && {DIFF} tree cp && {DIFF} tree untar && {DIFF} tree rsync", mountpoint)
+        for copy in ("cp", "untar", "rsync"):
+            assert copied_xattrs(mountpoint / copy) == expected, copy
+            assert os.getxattr(mountpoint / copy, "user.tahoe.cap") != os.getxattr(tree, "user.tahoe.cap")
+
+        old = work / "old"  # as an older version copied it: the caps listed and copied
+        sh(f"cp -a tree {old}", mountpoint)
+        for path in (old, old / "sub", old / "sub" / "f"):
+            os.setxattr(path, "user.tahoe.cap", os.getxattr(tree / path.relative_to(old), "user.tahoe.cap"))
+        sh(f"rsync -aX {old}/ tree/", mountpoint)  # onto the same entries: the same caps, accepted
+        with pytest.raises(OSError) as refused:
+            os.setxattr(tree / "sub", "user.tahoe.cap", os.getxattr(tree / "sub" / "f", "user.tahoe.cap"))
+        assert refused.value.errno == errno.EPERM
+        sh(f"cp -a {old} old-cp && tar --xattrs -C {old} -cf {work}/old.tar .", mountpoint)
+        sh(f"mkdir old-untar && tar --xattrs -C old-untar -xf {work}/old.tar", mountpoint)  # warns, succeeds
+        sh(f"rsync -aX --filter='-x user.tahoe.*' {old}/ old-rsync/", mountpoint)  # README: how rsync -X skips them
+        for copy in ("old-cp", "old-untar", "old-rsync"):
+            assert copied_xattrs(mountpoint / copy) == expected, copy
