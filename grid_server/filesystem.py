@@ -53,7 +53,7 @@ from .journal import WriteJournal
 from .local_files import LocalFile, LocalFiles
 from .metadata import PosixFields, file_type, posix_fields, with_posix_fields
 from .node_state import NodeState, open_node_state
-from .nodes import DIRECTORY, FILE, REMOVED, SYMLINK, Directory, Inode
+from .nodes import DIRECTORY, FILE, LOOP, REMOVED, SYMLINK, Directory, Inode
 from .operations import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -254,6 +254,23 @@ class GridFilesystem:
         ours = metadata.get("blackmatch")
         return SYMLINK if isinstance(ours, dict) and ours.get("symlink") is True else FILE
 
+    @staticmethod
+    def _levels_up_to(directory: Directory, cap: DirectoryCap) -> int | None:
+        """How many levels above `directory` the directory `cap` names is (0: `directory` itself), or None when it
+        is none of its ancestors. Ancestors are followed along each directory's inode: a directory linked at
+        several places is known at the last one looked up."""
+        wanted = cap.readonly()
+        seen: set[int] = set()  # a path that somehow led back into itself must end the walk, not hang the server
+        current: Directory | None = directory
+        levels = 0
+        while current is not None and id(current) not in seen:
+            if current.readonly_cap == wanted:
+                return levels
+            seen.add(id(current))
+            current = current.inode.parent if current.inode is not None else None
+            levels += 1
+        return None
+
     def _child(self, directory: Directory, name: str) -> Inode | None:
         """The inode linked at `name` in the directory's view (made from the listing if new), or None."""
         if name in directory.pending:
@@ -263,13 +280,21 @@ class GridFilesystem:
         if entry is None:
             return None
         cap = entry.cap
+        kind, loop_target = self._kind_of(cap, entry.metadata), None
+        if isinstance(cap, DirectoryCap) and (levels := self._levels_up_to(directory, cap)) is not None:
+            kind, loop_target = LOOP, "/".join([".."] * levels) or "."
         inode = directory.inodes.get(name)
         settled = inode is not None and inode.opens == 0 and self._settled(inode)
-        if settled and (inode.cap is None or inode.cap.to_string() != cap.to_string()):
-            self._detach(inode)  # replaced elsewhere: a new inode for the new object (its copy goes once forgotten)
+        if settled and (
+            inode.cap is None
+            or inode.cap.to_string() != cap.to_string()
+            or (inode.kind, inode.loop_target) != (kind, loop_target)
+        ):
+            self._detach(inode)  # replaced elsewhere, or a loop made or broken: a new inode for what it is now
             inode = None
         if inode is None:
-            inode = self._new_inode(self._kind_of(cap, entry.metadata), cap, dict(entry.metadata))
+            inode = self._new_inode(kind, cap, dict(entry.metadata))
+            inode.loop_target = loop_target
             self._attach(inode, directory, name)
         elif inode.local is None:
             inode.metadata = dict(entry.metadata)
@@ -334,9 +359,8 @@ class GridFilesystem:
     # --- attributes ---------------------------------------------------------------------------------------
     def _fields(self, inode: Inode) -> PosixFields:
         writable = not self.readonly and self._replaceable(inode.cap)
-        fields = posix_fields(
-            inode.metadata, is_dir=inode.kind == DIRECTORY, writable=writable, uid=self.uid, gid=self.gid
-        )
+        is_dir = inode.kind in (DIRECTORY, LOOP)  # a loop's entry keeps a directory's fields for when it is not one
+        fields = posix_fields(inode.metadata, is_dir=is_dir, writable=writable, uid=self.uid, gid=self.gid)
         if inode.written_ns is not None:
             fields.mtime_ns = fields.ctime_ns = inode.written_ns
         return fields
@@ -364,6 +388,8 @@ class GridFilesystem:
     async def _size(self, inode: Inode) -> int:
         if inode.local is not None:
             return inode.local.size
+        if inode.loop_target is not None:
+            return len(inode.loop_target)
         cap = inode.cap
         if isinstance(cap, LiteralCap):
             return len(cap.data)
@@ -379,9 +405,10 @@ class GridFilesystem:
         fields = self._fields(inode)
         size = await self._size(inode)
         timeout = min(1.0, self.options.cache_timeout)
+        mode = stat.S_IFLNK | 0o777 if inode.kind == LOOP else file_type(inode.kind == DIRECTORY, fields) | fields.mode
         return Attributes(
             inode=inode.number,
-            mode=file_type(inode.kind == DIRECTORY, fields) | fields.mode,
+            mode=mode,
             nlink=2 if inode.kind == DIRECTORY else 1,
             uid=fields.uid,
             gid=fields.gid,
@@ -753,6 +780,8 @@ class GridFilesystem:
 
     async def readlink(self, inode: int) -> str:
         node = self._inode(inode)
+        if node.loop_target is not None:
+            return node.loop_target
         if node.kind != SYMLINK:
             raise FsError(errno.EINVAL)
         if node.local is not None:
@@ -852,15 +881,6 @@ class GridFilesystem:
         self._set_pending(directory, name, REMOVED)
         self._detach(inode)
 
-    def _is_ancestor(self, inode: Inode, directory: Directory) -> bool:
-        """Whether `inode` is `directory` or contains it (so moving it there would make a loop)."""
-        node = directory.inode
-        while node is not None:
-            if node is inode:
-                return True
-            node = node.parent.inode if node.parent is not None else None
-        return False
-
     async def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int) -> None:
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
@@ -874,7 +894,7 @@ class GridFilesystem:
             raise FsError(errno.ENOENT)
         if source_dir is target_dir and name_old == name_new:
             return
-        if inode.kind == DIRECTORY and self._is_ancestor(inode, target_dir):
+        if inode.directory is not None and self._levels_up_to(target_dir, inode.directory.readonly_cap) is not None:
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
         replaced = self._child(target_dir, name_new)
         if replaced is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import trio
@@ -19,6 +20,10 @@ from lafs_core.dirnode import DirEntry
 from .local_files import LocalFile
 
 DIRECTORY, FILE, SYMLINK = "dir", "file", "symlink"
+# An entry linking its own directory or one of that directory's ancestors (Tahoe allows such loops): the kernel
+# refuses a directory inode found below itself, and the tree below it would be endless, so it is shown as a
+# symlink to the ancestor.
+LOOP = "loop"
 
 
 @dataclass(eq=False)
@@ -39,6 +44,7 @@ class Inode:
     failure: str | None = None  # why the last upload of this inode failed
     written_ns: int | None = None  # time of a write not yet folded into `metadata` (keeps writes cheap)
     local_seen: int = 0  # the parent's `reads` when `local` was made
+    loop_target: str | None = None  # for a loop: the relative path to the directory it links ("." or "../..")
 
     @property
     def ready(self) -> bool:
@@ -66,6 +72,11 @@ class Directory:
     publisher_running: bool = False
     urgent: bool = False
     failure: str | None = None
+
+    @cached_property
+    def readonly_cap(self) -> DirectoryCap:
+        """The read-only form of its cap, which names the same directory (deriving it costs a hash)."""
+        return self.cap.readonly()
 
     def set_listing(self, listing: dict[str, DirEntry]) -> None:
         self.listing, self.fetched_at = listing, time.monotonic()

@@ -25,6 +25,7 @@ import trio
 from fuse_client.grid_commands import create_node
 from grid_server import filesystem
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
+from grid_server.nodes import Directory
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
 from lafs_core.caps import parse_cap
 from lafs_core.grid.directory import linker, modify_directory, read_directory
@@ -57,11 +58,12 @@ async def grid_listing(fs: GridFilesystem, cap: str) -> dict:
     return await read_directory(fs.grid, parse_cap(cap))  # type: ignore[arg-type]
 
 
-def expire_listing(fs: GridFilesystem) -> None:
-    """Make the root's listing older than any cache timeout, so the next call re-reads it from the grid. Not by
-    setting the read time to 0: the monotonic clock counts from boot, and on a machine up for less than the
+def expire_listing(directory: Directory | None) -> None:
+    """Make the directory's listing older than any cache timeout, so the next call re-reads it from the grid. Not
+    by setting the read time to 0: the monotonic clock counts from boot, and on a machine up for less than the
     timeout a listing read at time 0 is still fresh."""
-    fs.root.directory.fetched_at = -math.inf
+    assert directory is not None
+    directory.fetched_at = -math.inf
 
 
 async def write_file(fs: GridFilesystem, parent: int, name: str, data: bytes, sync: bool = True) -> int:
@@ -172,6 +174,44 @@ def test_attributes_and_xattrs_live_in_metadata(node):
         assert stat.S_ISLNK(link.mode) and await fs.readlink(link.inode) == "f" * 80
         await fs.setattr(again.inode, AttrChanges(size=10), None)
         assert (await fs.getattr(again.inode)).size == 10
+
+    run(node, body)
+
+
+def test_a_directory_loop_is_a_symlink_to_the_ancestor(node):
+    """An entry linking its own directory or an ancestor (Tahoe allows it: another client may make one) is shown
+    as a symlink to that ancestor, also when it links it by its read-only cap: the kernel refuses a directory inode
+    below itself, and find must meet a finite tree. Moved where it closes no loop, it is a directory again; a
+    directory cannot be moved below itself however it is reached."""
+
+    async def body(fs: GridFilesystem) -> None:
+        d = await fs.mkdir(ROOT_INODE, "d", 0o755, CALLER)
+        e = await fs.mkdir(d.inode, "e", 0o755, CALLER)
+        assert await fs.drain()
+        d_cap, e_cap = [parse_cap((await fs.getxattr(i.inode, "user.tahoe.cap")).decode()) for i in (d, e)]
+        await modify_directory(fs.grid, d_cap, linker("self", d_cap, replace_files=False))  # type: ignore[arg-type]
+        await modify_directory(fs.grid, e_cap, linker("up", d_cap.readonly(), replace_files=False))  # type: ignore[arg-type]
+        for cap in (d_cap, e_cap):
+            expire_listing(fs.directories[cap.to_string()])
+        for parent, name, target in ((d.inode, "self", "."), (e.inode, "up", "..")):
+            loop = await fs.lookup(parent, name)
+            assert stat.S_ISLNK(loop.mode) and loop.size == len(target) and await fs.readlink(loop.inode) == target
+        fh = await fs.opendir(d.inode)
+        assert [(entry.name, stat.S_IFMT(entry.attributes.mode)) for entry in await fs.readdir(fh, 0)] == [
+            ("e", stat.S_IFDIR),
+            ("self", stat.S_IFLNK),
+        ]
+        await fs.releasedir(fh)
+        with pytest.raises(FsError) as refused:
+            await fs.rename(ROOT_INODE, "d", e.inode, "d", 0)
+        assert refused.value.errno == errno.EINVAL
+        await fs.rename(e.inode, "up", ROOT_INODE, "d-again", 0)
+        await fs.unlink(d.inode, "self")
+        assert await fs.drain()
+        again = await fs.lookup(ROOT_INODE, "d-again")
+        assert stat.S_ISDIR(again.mode) and again.mode & 0o777 == 0o555  # linked read-only, by another client
+        assert set(await grid_listing(fs, d_cap.to_string())) == {"e"}
+        assert await grid_listing(fs, e_cap.to_string()) == {}
 
     run(node, body)
 
@@ -328,7 +368,7 @@ def test_a_mutable_files_copy_is_read_again_only_after_a_grid_re_read(node, monk
         async with open_filesystem(node[0], node[1], FilesystemOptions(cache_timeout=3600)) as fs:
             cap = await create_mutable(fs.grid, b"hello mutable")
             await modify_directory(fs.grid, parse_cap(node[1]), linker("m", cap, replace_files=True))  # type: ignore[arg-type]
-            expire_listing(fs)  # the next lookup re-reads the root and finds "m"
+            expire_listing(fs.root.directory)  # the next lookup re-reads the root and finds "m"
             assert (await fs.lookup(ROOT_INODE, "m")).size == len(b"hello mutable")
             first = retrieves
             assert first >= 1
@@ -336,7 +376,7 @@ def test_a_mutable_files_copy_is_read_again_only_after_a_grid_re_read(node, monk
                 await write_file(fs, ROOT_INODE, f"f{i}", b"x" * 100)  # each fsync publishes the root
                 await fs.lookup(ROOT_INODE, "m")
             assert retrieves == first, "our own publishes made the mutable file download again"
-            expire_listing(fs)
+            expire_listing(fs.root.directory)
             await fs.lookup(ROOT_INODE, "m")
             assert retrieves == first + 1, "a re-read from the grid did not refresh the mutable file's copy"
 
@@ -417,7 +457,7 @@ def test_a_mutable_file_unlinked_while_open_is_still_published(node):
         async with open_filesystem(node[0], node[1], OPTIONS) as fs:
             cap = await create_mutable(fs.grid, b"version one")
             await modify_directory(fs.grid, parse_cap(node[1]), linker("m", cap, replace_files=True))  # type: ignore[arg-type]
-            expire_listing(fs)
+            expire_listing(fs.root.directory)
             inode = (await fs.lookup(ROOT_INODE, "m")).inode
             fh = await fs.open(inode, os.O_WRONLY | os.O_TRUNC)
             await fs.write(fh, 0, b"version two")

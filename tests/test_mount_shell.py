@@ -15,6 +15,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trio
+
+from lafs_core.caps import DirectoryCap, parse_cap
+from lafs_core.grid.directory import linker, modify_directory
+from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.servers import open_grid
 
 from .mounting import MOUNT_MARKS, Mount, wipe_cache
 from .storage_cluster import StorageCluster, blackmatch
@@ -184,3 +190,54 @@ def test_copies_of_the_mount_carry_no_caps(tmp_path: Path) -> None:
         sh(f"rsync -aX --filter='-x user.tahoe.*' {old}/ old-rsync/", mountpoint)  # README: how rsync -X skips them
         for copy in ("old-cp", "old-untar", "old-rsync"):
             assert copied_xattrs(mountpoint / copy) == expected, copy
+
+
+def link_as_another_client(node: Path, directory: Path, name: str, target: Path) -> None:
+    """Link the directory at `target` into the one at `directory` (both on the mount) as `name`, on the grid and
+    behind the mount's back, as another client (a Tahoe client, `tahoe ln`) may: Tahoe allows loops."""
+
+    async def link() -> None:
+        grid = open_grid(NodeDirectory(node))
+        try:
+            parent, child = (parse_cap(os.getxattr(path, "user.tahoe.cap").decode()) for path in (directory, target))
+            assert isinstance(parent, DirectoryCap)
+            await modify_directory(grid, parent, linker(name, child, replace_files=False))
+        finally:
+            await grid.aclose()
+
+    trio.run(link)
+
+
+def find_following_links(directory: Path) -> tuple[int, list[str], list[str]]:
+    """`find -L` of the directory: its status, and the lines it printed and complained, sorted (a local disk
+    lists in its own order)."""
+    run = subprocess.run(["find", "-L", directory.name], cwd=directory.parent, capture_output=True, text=True)
+    return run.returncode, sorted(run.stdout.splitlines()), sorted(run.stderr.splitlines())
+
+
+def test_a_directory_loop_made_elsewhere_is_a_symlink_on_the_mount(tmp_path: Path) -> None:
+    """A directory that links one of its ancestors (or itself) makes an endless tree; the kernel refuses a
+    directory inode found below itself (ELOOP), which failed `rm -rf`. The entry that closes the loop is shown as
+    a symlink to the ancestor, so find, du, cp -a and rm -rf see a finite tree, as with a symlink loop on a local
+    disk, and removing it (rm -rf does that first) breaks the loop on the grid."""
+    node, mountpoint, local = tmp_path / "node", tmp_path / "mnt", tmp_path / "local"
+    local.mkdir()
+    with Mount(node, mountpoint, "--cache-timeout", "0"):
+        roots = (mountpoint, local)  # the same tree, with the loops as symlinks on the local disk
+        for root in roots:
+            sh("mkdir -p d/e && echo data > d/e/f", root)
+        sh("sync d/e/f", mountpoint)  # on the grid, for the other client to link to
+        link_as_another_client(node, mountpoint / "d", "self", mountpoint / "d")
+        link_as_another_client(node, mountpoint / "d" / "e", "up", mountpoint / "d")
+        sh("ln -s . d/self && ln -s .. d/e/up", local)
+        for root in roots:
+            assert os.readlink(root / "d" / "self") == "." and os.readlink(root / "d" / "e" / "up") == ".."
+            assert sh("find d | sort", root).split() == ["d", "d/e", "d/e/f", "d/e/up", "d/self"]
+            assert (root / "d" / "self" / "e" / "up" / "e" / "f").read_text() == "data\n"
+        sh(f"cp -a d {tmp_path}/copy && {DIFF} {local}/d {tmp_path}/copy", mountpoint)
+        on_mount, on_disk = (find_following_links(root / "d") for root in roots)
+        assert on_mount == on_disk and on_disk[0] == 1, on_mount  # find -L reports each loop, as it does on disk
+        assert len(on_disk[2]) == 2 and all("File system loop detected" in line for line in on_disk[2])
+        sh("rm -rf d && test ! -e d", mountpoint)
+    with Mount(node, mountpoint):
+        assert os.listdir(mountpoint) == []
