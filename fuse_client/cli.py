@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lafs_core.errors import LafsError
+from lafs_core.errors import LafsError, sole_exception
 
 from . import debug_commands
 from .grid_commands import add_grid_commands
@@ -57,11 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (LafsError, OSError, ValueError) as exc:
-        print(f"blackmatch: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as raised:  # trio wraps what a task raised (Ctrl-C too) in exception groups
+        failure = sole_exception(raised)
+        if isinstance(failure, KeyboardInterrupt):
+            return 130
+        if isinstance(failure, LafsError | OSError | ValueError):
+            print(f"blackmatch: error: {failure}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -6,11 +6,15 @@ Locations are Tahoe-style: `alias:path`, a cap, or `CAP/path`; a bare path is re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import stat
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
@@ -235,20 +239,57 @@ async def get_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace)
     cap, _entry = await resolve(grid, root, components)
     if isinstance(cap, DirectoryCap):
         raise NotADirectoryCapError(f"{args.source} is a directory; use ls")
-    out = open(args.local, "wb") if args.local else sys.stdout.buffer  # noqa: SIM115 - closed below
-    try:
-        if isinstance(cap, LiteralCap):
-            out.write(cap.data)
-        elif isinstance(cap, MutableWriteCap | MutableReadCap):
-            data, _map, _version = await retrieve(grid, cap)
-            out.write(data)
-        else:
-            await ImmutableFile(grid, cap).copy_to(lambda data: trio.to_thread.run_sync(out.write, data))
-        out.flush()
-    finally:
-        if args.local:
-            out.close()
+    if not args.local:
+        await _download(grid, cap, sys.stdout.buffer)
+        return 0
+    with replaced_when_complete(Path(args.local)) as out:
+        await _download(grid, cap, out)
     return 0
+
+
+async def _download(grid: Grid, cap: Cap, out: BinaryIO) -> None:
+    """Write a file's whole verified contents to `out`."""
+    if isinstance(cap, LiteralCap):
+        out.write(cap.data)
+    elif isinstance(cap, MutableWriteCap | MutableReadCap):
+        data, _map, _version = await retrieve(grid, cap)
+        out.write(data)
+    else:
+        await ImmutableFile(grid, cap).copy_to(lambda data: trio.to_thread.run_sync(out.write, data))
+    out.flush()
+
+
+@contextlib.contextmanager
+def replaced_when_complete(path: Path) -> Iterator[BinaryIO]:
+    """A new file beside `path` to write its new contents into, renamed over `path` only when the block ends
+    without an error (after an fsync, with `path`'s mode when it existed); removed otherwise, even on Ctrl-C.
+
+    So a download that fails (a mistyped cap, the grid down) or is interrupted leaves `path` as it was, and
+    never an empty or partial file. A symlink's target is what gets replaced, not the link."""
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise LafsError(f"{path} is a directory")
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 async def ls_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:

@@ -1,11 +1,17 @@
 """The command line as a user meets it: help, usage errors, clear one-line failures."""
 
+import os
+import signal
+import stat
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from .shared_data import SAMPLE_GRID, sample_caps, sample_convergence
+from .storage_cluster import BLACKMATCH, REPO, blackmatch
 
 
 def run(*args, **kwargs):
@@ -71,3 +77,63 @@ def test_max_segment_size_changes_large_caps(tmp_path):
     small = run("debug", "cap", str(path), "--convergence", sample_convergence(), "--max-segment-size", "131072")
     assert small.returncode == 0
     assert small.stdout.strip() != sample_caps()["chk-1m-plus-1"]
+
+
+# --- the grid commands, on a node with an embedded grid ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A node directory made by `create-node` with its embedded grid of ten local share stores."""
+    path = tmp_path_factory.mktemp("cli") / "node"
+    blackmatch("create-node", str(path))
+    return str(path)
+
+
+def put_bytes(node: str, data: bytes, *target: str) -> str:
+    return blackmatch("put", "-d", node, "-", *target, stdin=data).stdout.decode().strip()
+
+
+def mistyped(cap: str) -> str:
+    """`cap` with one character of its second field (a CHK cap's UEB hash) changed, as a typo would."""
+    kind, first, second, rest = cap.split(":", 3)
+    changed = ("b" if second[3] == "a" else "a").join((second[:3], second[4:]))
+    return ":".join((kind, first, changed, rest))
+
+
+def one_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    """The single error line of a failed command."""
+    assert result.returncode == 1, result
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], result.stderr.decode()
+    return lines[0]
+
+
+def test_get_that_fails_leaves_local_files_alone(node: str, tmp_path: Path) -> None:
+    cap = put_bytes(node, os.urandom(200_000))
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"precious")
+    existing.chmod(0o640)
+    for bad in (mistyped(cap), f"{cap[:-1]}9"):
+        assert blackmatch("get", "-d", node, bad, str(existing), check=False).returncode == 1
+        assert blackmatch("get", "-d", node, bad, str(tmp_path / "new"), check=False).returncode == 1
+        assert existing.read_bytes() == b"precious"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no empty file, no temporary one
+    blackmatch("get", "-d", node, cap, str(existing))
+    assert existing.read_bytes() == blackmatch("get", "-d", node, cap).stdout
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_get_interrupted_leaves_local_files_alone(node: str, tmp_path: Path) -> None:
+    cap = put_bytes(node, os.urandom(48 * 1024 * 1024))
+    local = tmp_path / "local"
+    local.write_bytes(b"precious")
+    getting = subprocess.Popen([*BLACKMATCH, "get", "-d", node, cap, str(local)], cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.iterdir())) < 2:  # the temporary file the download goes into
+        assert getting.poll() is None and time.monotonic() < deadline, "the download never started"
+        time.sleep(0.005)
+    getting.send_signal(signal.SIGINT)
+    _out, err = getting.communicate(timeout=60)
+    assert getting.returncode == 130, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]
+    assert local.read_bytes() == b"precious"
