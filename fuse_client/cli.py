@@ -5,6 +5,8 @@ line and exit with status 1; usage mistakes exit with status 2 via argparse. No 
 """
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -56,15 +58,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # now, not at exit, so a reader that has gone is noticed here
+        return status
     except BaseException as raised:  # trio wraps what a task raised (Ctrl-C too) in exception groups
         failure = sole_exception(raised)
         if isinstance(failure, KeyboardInterrupt):
             return 130
+        if isinstance(failure, BrokenPipeError):
+            return _closed_pipe()
         if isinstance(failure, LafsError | OSError | ValueError):
             print(f"blackmatch: error: {failure}", file=sys.stderr)
             return 1
         raise
+
+
+def _closed_pipe() -> int:
+    """Whoever read our output stopped (`blackmatch ls | head`): exit quietly with the status of a process
+    SIGPIPE killed, as coreutils do. Standard output goes to /dev/null so the interpreter's final flush of what
+    is still buffered cannot complain either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -137,3 +137,15 @@ def test_get_interrupted_leaves_local_files_alone(node: str, tmp_path: Path) -> 
     assert getting.returncode == 130, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]
     assert local.read_bytes() == b"precious"
+
+
+def test_a_closed_pipe_is_a_quiet_exit(node: str) -> None:
+    cap = put_bytes(node, os.urandom(4 * 1024 * 1024))  # more than a pipe holds
+    reading = subprocess.Popen(
+        [*BLACKMATCH, "get", "-d", node, cap], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert reading.stdout is not None and reading.stderr is not None
+    assert len(reading.stdout.read(1)) == 1
+    reading.stdout.close()  # as `head -c 1` does, long before the file's end
+    assert reading.wait(60) == 128 + signal.SIGPIPE
+    assert reading.stderr.read() == b""
