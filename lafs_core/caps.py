@@ -55,6 +55,11 @@ class Cap:
         """The verify cap, or None for LIT caps (nothing is stored to verify)."""
         return None
 
+    def abbreviated(self) -> str:
+        """The cap's kind and an ellipsis (`URI:CHK:...`), to name it in a message: caps are secrets, never shown
+        whole."""
+        return f"{self.prefix}..." if self.prefix else "a cap of an unknown kind"
+
     # Every cap also has `storage_index`: the 16 bytes naming its shares on servers, or None (LIT, unknown).
 
 

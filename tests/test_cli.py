@@ -149,3 +149,10 @@ def test_a_closed_pipe_is_a_quiet_exit(node: str) -> None:
     reading.stdout.close()  # as `head -c 1` does, long before the file's end
     assert reading.wait(60) == 128 + signal.SIGPIPE
     assert reading.stderr.read() == b""
+
+
+def test_a_file_cap_is_not_a_directory(node: str) -> None:
+    cap = put_bytes(node, os.urandom(1000))
+    for command in (["ls"], ["get"], ["mkdir"]):
+        line = one_line(blackmatch(*command, "-d", node, f"{cap}/sub", check=False))
+        assert line == "blackmatch: error: URI:CHK:... is a file, not a directory"

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..caps import Cap, ChkCap, DirectoryCap, LiteralCap, MutableWriteCap, UnknownCap, parse_cap
+from ..caps import Cap, ChkCap, DirectoryCap, LiteralCap, MutableReadCap, MutableWriteCap, UnknownCap, parse_cap
 from ..dirnode import DirEntry, child_entry, normalize, pack_directory, unpack_directory, update_metadata
 from ..errors import LafsError
 from ..mutable.keys import WriterKeys
@@ -50,9 +50,11 @@ class ReadOnlyDirectoryError(DirectoryError):
     errno_name = "EROFS"
 
 
-def as_directory(cap: Cap) -> DirectoryCap:
+def as_directory(cap: Cap, name: str | None = None) -> DirectoryCap:
+    """`cap` as a directory; NotADirectoryCapError, naming it by `name` (a path) or its kind, if it is not one."""
     if not isinstance(cap, DirectoryCap):
-        raise NotADirectoryCapError(f"not a directory: {type(cap).__name__}")
+        what = "a file, not" if isinstance(cap, ChkCap | LiteralCap | MutableWriteCap | MutableReadCap) else "not"
+        raise NotADirectoryCapError(f"{name or cap.abbreviated()} is {what} a directory")
     return cap
 
 
@@ -162,9 +164,7 @@ async def resolve(grid: Grid, root: Cap, components: list[str]) -> tuple[Cap, Di
     """Walk from `root` through `components`; the object reached and its entry in its parent (None at root)."""
     cap, entry = root, None
     for depth, name in enumerate(components):
-        if not isinstance(cap, DirectoryCap):
-            raise NotADirectoryCapError(f"{'/'.join(components[:depth]) or 'the root'} is not a directory")
-        children = await read_directory(grid, cap)
+        children = await read_directory(grid, as_directory(cap, "/".join(components[:depth])))
         entry = children.get(name)
         if entry is None:
             raise NoSuchChildError(f"no {'/'.join(components[: depth + 1])!r}")
