@@ -26,8 +26,8 @@ from lafs_core.grid.directory import (
     ExistingChildError,
     NoSuchChildError,
     NotADirectoryCapError,
-    as_directory,
     create_directory,
+    directory_path,
     linker,
     modify_directory,
     parse_location,
@@ -140,9 +140,8 @@ def _split_parent(grid_location: str, node: NodeDirectory) -> tuple[Cap, list[st
     return root, components[:-1], components[-1]
 
 
-async def _parent_directory(grid: Grid, root: Cap, components: list[str]) -> DirectoryCap:
-    cap, _entry = await resolve(grid, root, components)
-    return as_directory(cap)
+async def _parent_directory(grid: Grid, root: Cap, components: list[str], *, create: bool = False) -> DirectoryCap:
+    return (await directory_path(grid, root, components, create=create))[-1]
 
 
 # --- commands --------------------------------------------------------------------------------------------------
@@ -215,7 +214,7 @@ async def put_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace)
         cap = await _upload_path(grid, Path(args.local), args.mutable)
     if args.target:
         root, parents, name = _split_parent(args.target, node)
-        parent = await _parent_directory(grid, root, parents)
+        parent = await _parent_directory(grid, root, parents, create=True)
         await modify_directory(grid, parent, linker(name, cap, replace_files=True))
     print(cap)
     return 0
@@ -317,7 +316,7 @@ async def mkdir_command(grid: Grid, node: NodeDirectory, args: argparse.Namespac
         print(await create_directory(grid, file_format=args.format))
         return 0
     root, parents, name = _split_parent(args.path, node)
-    parent = await _parent_directory(grid, root, parents)
+    parent = await _parent_directory(grid, root, parents, create=True)
     children = await read_directory(grid, parent)
     if name in children:
         raise ExistingChildError(f"{args.path} already exists")

@@ -151,6 +151,17 @@ def test_a_closed_pipe_is_a_quiet_exit(node: str) -> None:
     assert reading.stderr.read() == b""
 
 
+def test_put_and_mkdir_make_missing_directories(node: str) -> None:
+    put_bytes(node, b"deep", "tahoe:made/by/put")
+    assert blackmatch("get", "-d", node, "tahoe:made/by/put").stdout == b"deep"
+    assert blackmatch("ls", "-d", node, "tahoe:made").stdout == b"by\n"
+    blackmatch("mkdir", "-d", node, "tahoe:made/by/mkdir/too")
+    assert blackmatch("ls", "-d", node, "tahoe:made/by").stdout.split() == [b"mkdir", b"put"]
+    assert blackmatch("ls", "-d", node, "tahoe:made/by/mkdir/too").stdout == b""
+    line = one_line(blackmatch("mkdir", "-d", node, "tahoe:made/by/put/under", check=False))
+    assert line.endswith("made/by/put is a file, not a directory")
+
+
 def test_a_file_cap_is_not_a_directory(node: str) -> None:
     cap = put_bytes(node, os.urandom(1000))
     for command in (["ls"], ["get"], ["mkdir"]):

@@ -170,3 +170,29 @@ async def resolve(grid: Grid, root: Cap, components: list[str]) -> tuple[Cap, Di
             raise NoSuchChildError(f"no {'/'.join(components[: depth + 1])!r}")
         cap = entry.cap
     return cap, entry
+
+
+async def directory_path(grid: Grid, root: Cap, components: list[str], *, create: bool = False) -> list[DirectoryCap]:
+    """The directories from `root` down through `components`, root first: the chain a path's last entry hangs on.
+
+    With `create`, missing directories are made and linked, as Tahoe makes the intermediate directories of
+    `tahoe put FILE a/b/c` and `tahoe mkdir a/b/c`. A directory another writer links meanwhile is used instead."""
+    chain = [as_directory(root)]
+    for depth, name in enumerate(components):
+        path = "/".join(components[: depth + 1])
+        entry = (await read_directory(grid, chain[-1])).get(name)
+        if entry is not None:
+            chain.append(as_directory(entry.cap, path))
+        elif not create:
+            raise NoSuchChildError(f"no {path!r}")
+        else:
+            chain.append(await _make_child_directory(grid, chain[-1], name, path))
+    return chain
+
+
+async def _make_child_directory(grid: Grid, parent: DirectoryCap, name: str, path: str) -> DirectoryCap:
+    if parent.is_readonly:  # found out before the new directory is made, which would be left unlinked
+        raise ReadOnlyDirectoryError(f"cannot make {path!r}: its parent directory is read-only")
+    link = linker(name, await create_directory(grid), replace_files=False)
+    children = await modify_directory(grid, parent, lambda children: None if name in children else link(children))
+    return as_directory(children[name].cap, path)
