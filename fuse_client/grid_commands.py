@@ -23,6 +23,7 @@ from lafs_core.dirnode import DirEntry, child_entry
 from lafs_core.errors import LafsError
 from lafs_core.grid.directory import (
     Children,
+    DirectoryLoopError,
     ExistingChildError,
     NoSuchChildError,
     NotADirectoryCapError,
@@ -33,6 +34,7 @@ from lafs_core.grid.directory import (
     parse_location,
     read_directory,
     resolve,
+    shown_location,
 )
 from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid
@@ -136,7 +138,7 @@ def grid_handler(command: Callable[[Grid, NodeDirectory, argparse.Namespace], Aw
 def _split_parent(grid_location: str, node: NodeDirectory) -> tuple[Cap, list[str], str]:
     root, components = parse_location(grid_location, node.aliases())
     if not components:
-        raise LafsError(f"{grid_location!r} names no entry inside a directory")
+        raise LafsError(f"{shown_location(grid_location)!r} names no entry inside a directory")
     return root, components[:-1], components[-1]
 
 
@@ -237,7 +239,7 @@ async def get_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace)
     root, components = parse_location(args.source, node.aliases())
     cap, _entry = await resolve(grid, root, components)
     if isinstance(cap, DirectoryCap):
-        raise NotADirectoryCapError(f"{args.source} is a directory; use ls")
+        raise NotADirectoryCapError(f"{shown_location(args.source)} is a directory; use ls")
     if not args.local:
         await _download(grid, cap, sys.stdout.buffer)
         return 0
@@ -319,7 +321,7 @@ async def mkdir_command(grid: Grid, node: NodeDirectory, args: argparse.Namespac
     parent = await _parent_directory(grid, root, parents, create=True)
     children = await read_directory(grid, parent)
     if name in children:
-        raise ExistingChildError(f"{args.path} already exists")
+        raise ExistingChildError(f"{shown_location(args.path)} already exists")
     new = await create_directory(grid, file_format=args.format)
     await modify_directory(grid, parent, linker(name, new, replace_files=False))
     print(new)
@@ -340,7 +342,7 @@ async def _link(
         src_name = src_components[-1]
         found = (await read_directory(grid, src_parent)).get(src_name)
         if found is None:
-            raise NoSuchChildError(f"{source} does not exist")
+            raise NoSuchChildError(f"{shown_location(source)} does not exist")
         entry = found
     dst_root, dst_components = parse_location(target, node.aliases())
     try:
@@ -348,14 +350,25 @@ async def _link(
     except NoSuchChildError:
         existing = None
     if isinstance(existing, DirectoryCap) and src_name is not None:
-        parent, name = existing, src_name
+        parent_components, name = dst_components, src_name
     else:
         if not dst_components:
-            raise LafsError(f"{target!r} names no entry inside a directory")
-        parent, name = await _parent_directory(grid, dst_root, dst_components[:-1]), dst_components[-1]
+            raise LafsError(f"{shown_location(target)!r} names no entry inside a directory")
+        parent_components, name = dst_components[:-1], dst_components[-1]
+    chain = await directory_path(grid, dst_root, parent_components)
+    if isinstance(entry.cap, DirectoryCap) and any(_same_object(entry.cap, above) for above in chain):
+        raise DirectoryLoopError(
+            f"{shown_location(target)} is inside {shown_location(source)}: a directory cannot go inside itself"
+        )
+    parent = chain[-1]
     user_metadata = {k: v for k, v in entry.metadata.items() if k != "tahoe"}
     await modify_directory(grid, parent, linker(name, entry.cap, replace_files=True, metadata=user_metadata))
     return src_parent, src_name, entry
+
+
+def _same_object(first: DirectoryCap, second: DirectoryCap) -> bool:
+    """Whether two caps name one directory (its write and read caps share a storage index)."""
+    return first.storage_index is not None and first.storage_index == second.storage_index
 
 
 async def ln_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
@@ -365,7 +378,7 @@ async def ln_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) 
 
 async def mv_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
     if not parse_location(args.source, node.aliases())[1]:
-        raise LafsError(f"{args.source!r} names no entry inside a directory: nothing to move")
+        raise LafsError(f"{shown_location(args.source)!r} names no entry inside a directory: nothing to move")
     src_parent, src_name, entry = await _link(grid, node, args.source, args.target)
     assert src_parent is not None and src_name is not None
 
@@ -386,7 +399,7 @@ async def rm_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) 
 
     def unlink(children: Children) -> Children:
         if name not in children:
-            raise NoSuchChildError(f"{args.path} does not exist")
+            raise NoSuchChildError(f"{shown_location(args.path)} does not exist")
         del children[name]
         return children
 

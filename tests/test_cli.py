@@ -1,5 +1,6 @@
 """The command line as a user meets it: help, usage errors, clear one-line failures."""
 
+import json
 import os
 import signal
 import stat
@@ -167,3 +168,27 @@ def test_a_file_cap_is_not_a_directory(node: str) -> None:
     for command in (["ls"], ["get"], ["mkdir"]):
         line = one_line(blackmatch(*command, "-d", node, f"{cap}/sub", check=False))
         assert line == "blackmatch: error: URI:CHK:... is a file, not a directory"
+
+
+@pytest.mark.parametrize("command", ["mv", "ln"])
+def test_a_directory_cannot_go_inside_itself(node: str, command: str) -> None:
+    top = f"tahoe:loop-{command}"
+    blackmatch("mkdir", "-d", node, f"{top}/inner/deeper")
+    before = blackmatch("ls", "-d", node, "--json", "tahoe:").stdout
+    top_cap = json.loads(blackmatch("ls", "-d", node, "--json", top).stdout)[1]["rw_uri"]
+    for source, target in [
+        (top, top),
+        (top, f"{top}/sub"),
+        (top, f"{top}/inner/deeper"),
+        (top, f"{top}/inner/deeper/sub"),
+        (top_cap, f"{top}/inner/by-cap"),
+    ]:
+        if command == "mv" and source == top_cap:
+            continue  # mv needs a place to move from
+        line = one_line(blackmatch(command, "-d", node, source, target, check=False))
+        assert line.endswith("a directory cannot go inside itself") and top_cap not in line
+    assert blackmatch("ls", "-d", node, "--json", "tahoe:").stdout == before
+    assert blackmatch("ls", "-d", node, f"{top}/inner").stdout == b"deeper\n"
+    assert blackmatch("ls", "-d", node, f"{top}/inner/deeper").stdout == b""
+    blackmatch(command, "-d", node, f"{top}/inner/deeper", top)  # into an ancestor is fine
+    assert blackmatch("ls", "-d", node, top).stdout.split() == [b"deeper", b"inner"]

@@ -50,6 +50,12 @@ class ReadOnlyDirectoryError(DirectoryError):
     errno_name = "EROFS"
 
 
+class DirectoryLoopError(DirectoryError):
+    """Linking a directory inside itself (or inside one of its own descendants) would make a cycle."""
+
+    errno_name = "EINVAL"
+
+
 def as_directory(cap: Cap, name: str | None = None) -> DirectoryCap:
     """`cap` as a directory; NotADirectoryCapError, naming it by `name` (a path) or its kind, if it is not one."""
     if not isinstance(cap, DirectoryCap):
@@ -158,6 +164,15 @@ def parse_location(text: str, aliases: dict[str, str]) -> tuple[Cap, list[str]]:
     if isinstance(cap, UnknownCap):
         raise LafsError(f"alias {alias!r} does not hold a usable cap")
     return cap, split_path(rest)
+
+
+def shown_location(text: str) -> str:
+    """A location as a message may show it: a cap in it cut to its kind (`URI:DIR2:.../docs`), caps being
+    secrets."""
+    if not text.startswith("URI:"):
+        return text
+    cap_text, sep, rest = text.partition("/")
+    return f"URI:{cap_text.split(':')[1]}:...{sep}{rest}"
 
 
 async def resolve(grid: Grid, root: Cap, components: list[str]) -> tuple[Cap, DirEntry | None]:
