@@ -38,7 +38,7 @@ from lafs_core.grid.directory import (
 )
 from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid
-from lafs_core.grid.mutable_io import create_mutable, retrieve
+from lafs_core.grid.mutable_io import create_mutable, overwrite, retrieve
 from lafs_core.grid.nodedir import EncodingConfig, NodeDirectory, create_node_directory
 from lafs_core.grid.servers import open_grid
 from lafs_core.grid.upload import file_chunks, upload_immutable
@@ -211,15 +211,47 @@ async def put_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace)
         with tempfile.NamedTemporaryFile(prefix="blackmatch-put-") as spool:
             await trio.to_thread.run_sync(lambda: _copy_stream(sys.stdin.buffer, spool))
             spool.flush()
-            cap = await _upload_path(grid, Path(spool.name), args.mutable)
+            cap = await _put(grid, node, Path(spool.name), args)
     else:
-        cap = await _upload_path(grid, Path(args.local), args.mutable)
-    if args.target:
-        root, parents, name = _split_parent(args.target, node)
-        parent = await _parent_directory(grid, root, parents, create=True)
-        await modify_directory(grid, parent, linker(name, cap, replace_files=True))
+        cap = await _put(grid, node, Path(args.local), args)
     print(cap)
     return 0
+
+
+async def _put(grid: Grid, node: NodeDirectory, path: Path, args: argparse.Namespace) -> Cap:
+    """Upload `path` and link it at the target; a mutable file already there (or a mutable file's cap as the
+    target) is overwritten in place instead, keeping its cap, as `tahoe put` does."""
+    if not args.target:
+        return await _upload_path(grid, path, args.mutable)
+    root, components = parse_location(args.target, node.aliases())
+    shown = shown_location(args.target)
+    if not components:
+        if isinstance(root, MutableWriteCap | MutableReadCap):
+            return await _overwrite(grid, root, path, shown)
+        if isinstance(root, DirectoryCap):
+            example = f"{shown}NAME" if shown.endswith(":") else f"{shown}/NAME"
+            raise LafsError(f"{shown} is a directory: name the new file inside it, as {example}")
+        raise LafsError(f"{shown} is an immutable file: it cannot be overwritten")
+    try:
+        existing, _entry = await resolve(grid, root, components)
+    except NoSuchChildError:
+        existing = None
+    if isinstance(existing, MutableWriteCap | MutableReadCap):
+        return await _overwrite(grid, existing, path, shown)
+    if isinstance(existing, DirectoryCap):
+        raise ExistingChildError(f"{shown} is a directory")
+    cap = await _upload_path(grid, path, args.mutable)
+    parent = await _parent_directory(grid, root, components[:-1], create=True)
+    await modify_directory(grid, parent, linker(components[-1], cap, replace_files=True))
+    return cap
+
+
+async def _overwrite(grid: Grid, cap: MutableWriteCap | MutableReadCap, path: Path, shown: str) -> Cap:
+    """Publish `path`'s contents as the next version of a mutable file (SDMF or MDMF, as it is)."""
+    if isinstance(cap, MutableReadCap):
+        raise LafsError(f"{shown} is a read-only mutable file: a read cap cannot change it")
+    await overwrite(grid, cap, await trio.to_thread.run_sync(path.read_bytes))
+    return cap
 
 
 def _copy_stream(source, destination) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -192,3 +193,45 @@ def test_a_directory_cannot_go_inside_itself(node: str, command: str) -> None:
     assert blackmatch("ls", "-d", node, f"{top}/inner/deeper").stdout == b""
     blackmatch(command, "-d", node, f"{top}/inner/deeper", top)  # into an ancestor is fine
     assert blackmatch("ls", "-d", node, top).stdout.split() == [b"deeper", b"inner"]
+
+
+@pytest.fixture(scope="module", params=["sdmf", "mdmf"])
+def mutable_node(request: pytest.FixtureRequest, node: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The node directory, or a copy of it (on the same grid) that makes MDMF mutable files."""
+    if request.param == "sdmf":
+        return node
+    copy = tmp_path_factory.mktemp("mdmf") / "node"
+    shutil.copytree(node, copy, ignore=shutil.ignore_patterns("local-grid", "blackmatch"))
+    config = copy / "tahoe.cfg"
+    config.write_text(config.read_text().replace("[client]\n", "[client]\nmutable.format = mdmf\n"))
+    return str(copy)
+
+
+def test_put_overwrites_a_mutable_file_in_place(mutable_node: str, node: str) -> None:
+    shared_node, node = node, mutable_node
+    kind = "URI:SSK:" if node == shared_node else "URI:MDMF:"
+    path, read_only_path = f"tahoe:in-place-{kind[4:-1]}", f"tahoe:read-only-{kind[4:-1]}"
+    made = blackmatch("put", "-d", node, "--mutable", "-", path, stdin=b"first version")
+    cap = made.stdout.decode().strip()
+    assert cap.startswith(kind)
+    assert put_bytes(node, b"second version", path) == cap
+    assert blackmatch("get", "-d", node, path).stdout == b"second version"
+    listed = json.loads(blackmatch("ls", "-d", node, "--json", path).stdout)
+    assert listed[0] == "filenode" and listed[1]["mutable"] and listed[1]["rw_uri"] == cap
+    assert put_bytes(node, b"third, by its cap", cap) == cap
+    assert blackmatch("get", "-d", node, path).stdout == b"third, by its cap"
+    read_cap = listed[1]["ro_uri"]
+    line = one_line(blackmatch("put", "-d", node, "-", read_cap, stdin=b"refused", check=False))
+    assert "read-only" in line and read_cap not in line
+    blackmatch("ln", "-d", node, read_cap, read_only_path)
+    line = one_line(blackmatch("put", "-d", node, "-", read_only_path, stdin=b"refused", check=False))
+    assert "read-only" in line
+    assert blackmatch("get", "-d", node, cap).stdout == b"third, by its cap"
+
+
+def test_put_needs_a_name_for_the_new_file(node: str) -> None:
+    line = one_line(blackmatch("put", "-d", node, "-", "tahoe:", stdin=b"data", check=False))
+    assert line.endswith("tahoe: is a directory: name the new file inside it, as tahoe:NAME")
+    cap = put_bytes(node, os.urandom(1000))
+    line = one_line(blackmatch("put", "-d", node, "-", cap, stdin=b"data", check=False))
+    assert line.endswith("URI:CHK:... is an immutable file: it cannot be overwritten")
