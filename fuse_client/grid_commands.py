@@ -1,4 +1,5 @@
-"""Scripting commands on a grid, in the manner of Tahoe's CLI: create-node, put, get, ls, mkdir, ln, mv, rm.
+"""Scripting commands on a grid, in the manner of Tahoe's CLI: create-node, create-alias, add-alias, list-aliases,
+put, get, ls, mkdir, ln, mv, rm.
 
 Locations are Tahoe-style: `alias:path`, a cap, or `CAP/path`; a bare path is relative to the `tahoe:` alias.
 """
@@ -14,19 +15,21 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import trio
 
-from lafs_core.caps import Cap, DirectoryCap, LiteralCap, MutableReadCap, MutableWriteCap
+from lafs_core.caps import Cap, DirectoryCap, LiteralCap, MutableReadCap, MutableWriteCap, parse_cap, parse_known_cap
 from lafs_core.dirnode import DirEntry, child_entry
 from lafs_core.errors import LafsError
 from lafs_core.grid.directory import (
+    DEFAULT_ALIAS,
     Children,
     DirectoryLoopError,
     ExistingChildError,
     NoSuchChildError,
     NotADirectoryCapError,
+    as_directory,
     create_directory,
     directory_path,
     linker,
@@ -40,11 +43,13 @@ from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid
 from lafs_core.grid.mutable_io import create_mutable, overwrite, retrieve
 from lafs_core.grid.nodedir import EncodingConfig, NodeDirectory, create_node_directory
-from lafs_core.grid.servers import open_grid
+from lafs_core.grid.servers import open_grid, open_servers
 from lafs_core.grid.upload import file_chunks, upload_immutable
 
 from .listing import long_line, node_json
 from .node_options import add_node_directory_option, existing_node
+
+T = TypeVar("T")
 
 
 def add_grid_commands(commands: argparse._SubParsersAction) -> None:
@@ -71,6 +76,23 @@ def add_grid_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--happy", type=int, default=None, metavar="H")
     create.add_argument("--total", type=int, default=10, metavar="N")
     create.set_defaults(handler=create_node_command)
+
+    create_alias = commands.add_parser("create-alias", help="make a new directory on the grid and an alias for it")
+    add_node_directory_option(create_alias)
+    create_alias.add_argument("alias", metavar="ALIAS")
+    create_alias.set_defaults(handler=grid_handler(create_alias_command))
+
+    add_alias = commands.add_parser("add-alias", help="name an existing directory cap as an alias")
+    add_node_directory_option(add_alias)
+    add_alias.add_argument("alias", metavar="ALIAS")
+    add_alias.add_argument("cap", metavar="DIRCAP")
+    add_alias.set_defaults(handler=add_alias_command)
+
+    list_aliases = commands.add_parser("list-aliases", help="show the aliases and their directory caps")
+    add_node_directory_option(list_aliases)
+    list_aliases.add_argument("--readonly-uri", action="store_true", help="show read-only caps")
+    list_aliases.add_argument("--json", action="store_true", help="JSON as `tahoe list-aliases --json` prints it")
+    list_aliases.set_defaults(handler=list_aliases_command)
 
     put = commands.add_parser("put", help="upload a file; prints its cap")
     add_node_directory_option(put)
@@ -120,19 +142,20 @@ def grid_handler(command: Callable[[Grid, NodeDirectory, argparse.Namespace], Aw
 
     def run(args: argparse.Namespace) -> int:
         node = existing_node(args)
-
-        async def main() -> int:
-            grid = open_grid(node)
-            if not grid.servers:
-                raise LafsError(f"{node.path} configures no storage servers blackmatch can use")
-            try:
-                return await command(grid, node, args)
-            finally:
-                await grid.aclose()
-
-        return trio.run(main)
+        return trio.run(_on_grid, node, lambda grid: command(grid, node, args))
 
     return run
+
+
+async def _on_grid(node: NodeDirectory, work: Callable[[Grid], Awaitable[T]]) -> T:
+    """`work` done on the node's grid, whose connections are closed after."""
+    grid = open_grid(node)
+    if not grid.servers:
+        raise LafsError(f"{node.path} configures no storage servers blackmatch can use")
+    try:
+        return await work(grid)
+    finally:
+        await grid.aclose()
 
 
 def _split_parent(grid_location: str, node: NodeDirectory) -> tuple[Cap, list[str], str]:
@@ -160,10 +183,12 @@ def create_node(
     server_files: list[Path] = (),  # type: ignore[assignment]
     local_servers: list[Path] = (),  # type: ignore[assignment]
     local_grid: int | None = None,
+    warn: Callable[[str], object] | None = None,
 ) -> NodeDirectory:
     """What `create-node` does: a node directory (with an embedded local grid unless servers are named), then a
-    new root directory on its grid linked as the alias tahoe:. Raises NoRootDirectoryError if the node directory
-    exists but the root directory could not be made."""
+    new root directory on its grid linked as the alias tahoe:. `warn` is told, before the grid is used, when
+    fewer servers are configured than happiness needs (every upload would fail). Raises NoRootDirectoryError
+    if the node directory was made but the root directory could not be (the grid did not answer)."""
     encoding = EncodingConfig(needed, happy if happy is not None else min(7, total), total)
     node = create_node_directory(
         path,
@@ -172,37 +197,76 @@ def create_node(
         local_servers=local_servers,
         local_grid=local_grid,
     )
-
-    async def make_root() -> str:
-        grid = open_grid(node)
-        try:
-            return str(await create_directory(grid))
-        finally:
-            await grid.aclose()
-
+    servers = len(open_servers(node.servers()))
+    if warn is not None and servers < encoding.happy:
+        warn(
+            f"happiness is {encoding.happy} but {servers} storage server{'s' * (servers != 1)} "
+            f"{'are' if servers != 1 else 'is'} configured: uploads will fail until {encoding.happy} answer "
+            f"(add servers, or lower shares.happy in {node.path / 'tahoe.cfg'})"
+        )
     try:
-        root = trio.run(make_root)
+        trio.run(_on_grid, node, lambda grid: _new_alias(grid, node, DEFAULT_ALIAS))
     except LafsError as exc:
-        raise NoRootDirectoryError(f"node created in {node.path}, but no root directory: {exc}") from exc
-    node.set_alias("tahoe", root)
+        raise NoRootDirectoryError(
+            f"node directory {node.path} made, but not its root directory: {exc}; once servers answer, "
+            f"'blackmatch create-alias -d {node.path} {DEFAULT_ALIAS}' makes it"
+        ) from exc
     return node
 
 
 def create_node_command(args: argparse.Namespace) -> int:
-    try:
-        node = create_node(
-            args.node_dir,
-            needed=args.needed,
-            happy=args.happy,
-            total=args.total,
-            server_files=args.servers,
-            local_servers=args.local_server,
-            local_grid=args.local_grid,
-        )
-    except NoRootDirectoryError as exc:
-        print(f"blackmatch: {exc}", file=sys.stderr)
+    node = create_node(
+        args.node_dir,
+        needed=args.needed,
+        happy=args.happy,
+        total=args.total,
+        server_files=args.servers,
+        local_servers=args.local_server,
+        local_grid=args.local_grid,
+        warn=lambda message: print(f"blackmatch: warning: {message}", file=sys.stderr),
+    )
+    print(f"Node directory created in {node.path}; its root directory is the alias {DEFAULT_ALIAS}:")
+    return 0
+
+
+def _new_alias_name(text: str, node: NodeDirectory) -> str:
+    """An alias name as typed (one trailing colon allowed, as Tahoe allows), refused if taken or unusable."""
+    name = text.removesuffix(":")
+    if not name or ":" in name or any(c.isspace() for c in name) or "/" in name:
+        raise LafsError(f"{text!r} cannot be an alias name: no colons, slashes or spaces")
+    if name in node.aliases():
+        raise LafsError(f"alias {name}: already exists")
+    return name
+
+
+async def _new_alias(grid: Grid, node: NodeDirectory, name: str) -> None:
+    node.set_alias(name, str(await create_directory(grid)))
+
+
+async def create_alias_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    name = _new_alias_name(args.alias, node)
+    await _new_alias(grid, node, name)
+    print(f"Alias {name}: created")
+    return 0
+
+
+def add_alias_command(args: argparse.Namespace) -> int:
+    node = existing_node(args)
+    name = _new_alias_name(args.alias, node)
+    node.set_alias(name, str(as_directory(parse_known_cap(args.cap))))
+    print(f"Alias {name}: added")
+    return 0
+
+
+def list_aliases_command(args: argparse.Namespace) -> int:
+    caps = {name: parse_cap(text) for name, text in sorted(existing_node(args).aliases().items())}
+    if args.json:
+        details = {name: {"readwrite": str(cap), "readonly": str(cap.readonly())} for name, cap in caps.items()}
+        print(json.dumps(details, indent=4))
         return 0
-    print(f"Node directory created in {node.path}; its root directory is the alias tahoe:")
+    width = max((len(name) for name in caps), default=0)
+    for name, cap in caps.items():
+        print(f"{name:>{width}}: {cap.readonly() if args.readonly_uri else cap}")
     return 0
 
 

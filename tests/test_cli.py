@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .shared_data import SAMPLE_GRID, sample_caps, sample_convergence
-from .storage_cluster import BLACKMATCH, REPO, blackmatch
+from .storage_cluster import BLACKMATCH, REPO, StorageProcess, blackmatch
 
 
 def run(*args, **kwargs):
@@ -235,3 +235,53 @@ def test_put_needs_a_name_for_the_new_file(node: str) -> None:
     cap = put_bytes(node, os.urandom(1000))
     line = one_line(blackmatch("put", "-d", node, "-", cap, stdin=b"data", check=False))
     assert line.endswith("URI:CHK:... is an immutable file: it cannot be overwritten")
+
+
+def test_create_node_whose_servers_do_not_answer_yet(tmp_path: Path) -> None:
+    server = tmp_path / "server"
+    blackmatch("storage", "create", str(server))
+    node = tmp_path / "node"
+    made = blackmatch("create-node", str(node), "--servers", str(server / "servers.yaml"), check=False)
+    assert made.returncode == 1 and made.stdout == b""
+    warning, error = made.stderr.decode().splitlines()
+    assert warning.startswith("blackmatch: warning: happiness is 7 but 1 storage server is configured")
+    assert error.startswith(f"blackmatch: error: node directory {node} made, but not its root directory")
+    assert error.endswith(f"'blackmatch create-alias -d {node} tahoe' makes it")
+    assert blackmatch("list-aliases", "-d", str(node)).stdout == b""
+    storage = StorageProcess(server)
+    storage.start()
+    try:
+        storage.wait_for("listening on")
+        assert blackmatch("create-alias", "-d", str(node), "tahoe").stdout == b"Alias tahoe: created\n"
+        assert blackmatch("ls", "-d", str(node), "tahoe:").stdout == b""
+    finally:
+        storage.stop()
+
+
+def test_create_node_with_fewer_servers_than_happiness_warns(tmp_path: Path) -> None:
+    made = blackmatch("create-node", str(tmp_path / "node"), "--local-grid", "3")
+    assert made.stderr.decode().splitlines() == [
+        "blackmatch: warning: happiness is 7 but 3 storage servers are configured: uploads will fail until 7 "
+        f"answer (add servers, or lower shares.happy in {tmp_path / 'node' / 'tahoe.cfg'})"
+    ]
+    assert blackmatch("create-node", str(tmp_path / "happy"), "--local-grid", "3", "--happy", "3").stderr == b""
+
+
+def test_create_add_and_list_aliases(node: str) -> None:
+    assert blackmatch("create-alias", "-d", node, "made:").stdout == b"Alias made: created\n"
+    put_bytes(node, b"in made", "made:file")
+    cap = json.loads(blackmatch("ls", "-d", node, "--json", "made:").stdout)[1]["rw_uri"]
+    assert blackmatch("add-alias", "-d", node, "again", cap).stdout == b"Alias again: added\n"
+    assert blackmatch("get", "-d", node, "again:file").stdout == b"in made"
+    lines = blackmatch("list-aliases", "-d", node).stdout.decode().splitlines()
+    listed = {name.strip(): cap for name, cap in (line.split(": ") for line in lines)}
+    assert listed["made"] == listed["again"] == cap and "tahoe" in listed
+    details = json.loads(blackmatch("list-aliases", "-d", node, "--json").stdout)
+    assert details["again"]["readonly"].startswith("URI:DIR2-RO:")
+    assert blackmatch("list-aliases", "-d", node, "--readonly-uri").stdout.count(b"URI:DIR2-RO:") == len(listed)
+    assert one_line(blackmatch("create-alias", "-d", node, "made", check=False)).endswith("alias made: already exists")
+    assert one_line(blackmatch("add-alias", "-d", node, "again", cap, check=False)).endswith("already exists")
+    file_cap = put_bytes(node, os.urandom(1000))
+    assert one_line(blackmatch("add-alias", "-d", node, "file", file_cap, check=False)).endswith("not a directory")
+    assert "cannot be an alias name" in one_line(blackmatch("add-alias", "-d", node, "a:b", cap, check=False))
+    assert blackmatch("get", "-d", node, "made:file").stdout == b"in made"
