@@ -26,11 +26,11 @@ _B256 = "([a-z2-7]{51}[aq])"
 _NUM = "(0|[1-9][0-9]*)"
 
 
-def _b32(text: str, what: str) -> bytes:
+def _b32(text: str, prefix: str) -> bytes:
     try:
         return base32.decode(text)
     except ValueError:
-        raise CapError(f"bad base32 in {what}") from None
+        raise _malformed(prefix, "is malformed (bad base32)") from None
 
 
 class Cap:
@@ -313,31 +313,37 @@ class UnknownCap(Cap):
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------
-def _parse_chk(body: str, cls: type) -> Cap:
+def _malformed(prefix: str, why: str = "is truncated or malformed") -> CapError:
+    """The error for a cap that does not parse, naming the kind typed (`URI:DIR2:...`, not the file cap inside)
+    and never the rest: a cap is a secret."""
+    return CapError(f"not a valid cap: {prefix}... {why}")
+
+
+def _parse_chk(body: str, cls: type, prefix: str) -> Cap:
     m = re.fullmatch(f"{_B128}:{_B256}:{_NUM}:{_NUM}:{_NUM}", body)
     if not m:
-        raise CapError(f"malformed {cls.prefix} cap")
+        raise _malformed(prefix)
     needed, total, size = int(m[3]), int(m[4]), int(m[5])
     if not 1 <= needed <= total <= 256:
-        raise CapError(f"{cls.prefix} cap has impossible k={needed} N={total}")
-    return cls(_b32(m[1], cls.prefix), _b32(m[2], cls.prefix), needed, total, size)
+        raise _malformed(prefix, f"has impossible k={needed} N={total}")
+    return cls(_b32(m[1], prefix), _b32(m[2], prefix), needed, total, size)
 
 
-def _parse_lit(body: str, cls: type) -> Cap:
+def _parse_lit(body: str, cls: type, prefix: str) -> Cap:
     try:
         return cls(base32.decode(body))
     except ValueError:
-        raise CapError("malformed URI:LIT: cap (bad base32)") from None
+        raise _malformed(prefix, "is malformed (bad base32)") from None
 
 
 def _mutable_parser(allow_extension: bool):
     tail = "(?::.*)?" if allow_extension else ""
 
-    def parse(body: str, cls: type) -> Cap:
+    def parse(body: str, cls: type, prefix: str) -> Cap:
         m = re.fullmatch(f"{_B128}:{_B256}{tail}", body, re.DOTALL)
         if not m:
-            raise CapError(f"malformed {cls.prefix} cap")
-        return cls(_b32(m[1], cls.prefix), _b32(m[2], cls.prefix))
+            raise _malformed(prefix)
+        return cls(_b32(m[1], prefix), _b32(m[2], prefix))
 
     return parse
 
@@ -381,7 +387,7 @@ def parse_cap(text: str | bytes, *, allow_prefixes: bool = False) -> Cap:
     for prefix, cls, is_dir in _PREFIXES:
         if text.startswith(prefix):
             body = text[len(prefix) :]
-            inner = _FILE_PARSERS[cls](body, cls)
+            inner = _FILE_PARSERS[cls](body, cls, prefix)
             cap: Cap = DirectoryCap(inner) if is_dir else inner
             break
     else:

@@ -180,3 +180,11 @@ def test_round_trip(cap):
 def test_parser_never_crashes(text):
     with contextlib.suppress(CapError):
         parse_cap(text, allow_prefixes=True)
+
+
+@pytest.mark.parametrize("prefix", ["URI:DIR2:", "URI:DIR2-MDMF-RO:", "URI:SSK:", "URI:CHK:", "URI:DIR2-CHK:"])
+def test_a_malformed_cap_is_named_by_the_kind_typed_and_never_shown(prefix):
+    body = f"{GOOD_KEY}:{GOOD_HASH}:3:10:100" if "CHK" in prefix else f"{GOOD_KEY}:{GOOD_HASH}"
+    with pytest.raises(CapError) as raised:
+        parse_cap(prefix + body[:-7])  # truncated
+    assert str(raised.value) == f"not a valid cap: {prefix}... is truncated or malformed"

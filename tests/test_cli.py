@@ -285,3 +285,9 @@ def test_create_add_and_list_aliases(node: str) -> None:
     assert one_line(blackmatch("add-alias", "-d", node, "file", file_cap, check=False)).endswith("not a directory")
     assert "cannot be an alias name" in one_line(blackmatch("add-alias", "-d", node, "a:b", cap, check=False))
     assert blackmatch("get", "-d", node, "made:file").stdout == b"in made"
+
+
+def test_a_truncated_cap_is_named_by_its_kind(node: str) -> None:
+    root = Path(node, "private", "aliases").read_text().split()[1]
+    line = one_line(blackmatch("ls", "-d", node, root[:-5], check=False))
+    assert line == "blackmatch: error: not a valid cap: URI:DIR2:... is truncated or malformed"
