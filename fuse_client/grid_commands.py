@@ -277,7 +277,7 @@ async def put_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace)
             spool.flush()
             cap = await _put(grid, node, Path(spool.name), args)
     else:
-        cap = await _put(grid, node, Path(args.local), args)
+        cap = await _put(grid, node, _regular_file(args.local), args)
     print(cap)
     return 0
 
@@ -323,9 +323,19 @@ def _copy_stream(source, destination) -> None:
         destination.write(chunk)
 
 
+def _regular_file(text: str) -> Path:
+    """The local file to upload, checked before the grid is touched."""
+    path = Path(text)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise LafsError(f"{text}: No such file or directory") from None
+    if not stat.S_ISREG(mode):
+        raise LafsError(f"{text} is {'a directory' if stat.S_ISDIR(mode) else 'not a regular file'}")
+    return path
+
+
 async def _upload_path(grid: Grid, path: Path, mutable: bool) -> Cap:
-    if not path.is_file():
-        raise LafsError(f"{path} is not a regular file")
     if mutable:
         return await create_mutable(grid, await trio.to_thread.run_sync(path.read_bytes))
     return await upload_immutable(grid, path.stat().st_size, file_chunks(path))

@@ -291,3 +291,10 @@ def test_a_truncated_cap_is_named_by_its_kind(node: str) -> None:
     root = Path(node, "private", "aliases").read_text().split()[1]
     line = one_line(blackmatch("ls", "-d", node, root[:-5], check=False))
     assert line == "blackmatch: error: not a valid cap: URI:DIR2:... is truncated or malformed"
+
+
+def test_put_of_a_missing_local_file(node: str, tmp_path: Path) -> None:
+    line = one_line(blackmatch("put", "-d", node, str(tmp_path / "missing"), "tahoe:never/made", check=False))
+    assert line == f"blackmatch: error: {tmp_path / 'missing'}: No such file or directory"
+    assert one_line(blackmatch("put", "-d", node, str(tmp_path), check=False)).endswith("is a directory")
+    assert b"never" not in blackmatch("ls", "-d", node).stdout
