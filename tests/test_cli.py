@@ -298,3 +298,21 @@ def test_put_of_a_missing_local_file(node: str, tmp_path: Path) -> None:
     assert line == f"blackmatch: error: {tmp_path / 'missing'}: No such file or directory"
     assert one_line(blackmatch("put", "-d", node, str(tmp_path), check=False)).endswith("is a directory")
     assert b"never" not in blackmatch("ls", "-d", node).stdout
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("[client\nshares.needed = 3\n", "line 1: expected a [section] header, found '[client'"),
+        ("[client]\nshares.needed = 3\n  \nnonsense\n", "line 4: cannot parse 'nonsense'"),
+        ("[client]\nshares.needed = 3\nshares.needed = 4\n", "line 3: [client] shares.needed is set twice"),
+        ("[client]\n[node]\n[client]\n", "line 3: section [client] appears twice"),
+    ],
+)
+def test_a_corrupt_tahoe_cfg_is_one_line(tmp_path: Path, config: str, message: str) -> None:
+    (tmp_path / "private").mkdir()
+    for secret in ("convergence", "secret"):
+        (tmp_path / "private" / secret).write_text(sample_convergence())
+    (tmp_path / "tahoe.cfg").write_text(config)
+    line = one_line(blackmatch("ls", "-d", str(tmp_path), check=False))
+    assert line == f"blackmatch: error: {tmp_path / 'tahoe.cfg'} {message}"

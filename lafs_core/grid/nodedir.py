@@ -12,6 +12,7 @@ Only reading and writing of these files lives here; what the values mean is in t
 
 from __future__ import annotations
 
+import ast
 import configparser
 import hashlib
 import os
@@ -85,7 +86,7 @@ class NodeDirectory:
             try:
                 parser.read(cfg, encoding="utf-8")
             except configparser.Error as exc:
-                raise NodeDirectoryError(f"{cfg}: {exc}") from None
+                raise NodeDirectoryError(_config_error(cfg, exc)) from None
         return parser
 
     def encoding(self) -> EncodingConfig:
@@ -168,6 +169,20 @@ class NodeDirectory:
             for spec in parse_announcement_list(_load_yaml(cache) or []):
                 specs.setdefault(spec.server_id, spec)
         return list(specs.values())
+
+
+def _config_error(cfg: Path, exc: configparser.Error) -> str:
+    """configparser's complaint as one line naming the file and line, without its Python reprs."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return f"{cfg} line {exc.lineno}: expected a [section] header, found {exc.line.strip()!r}"
+    if isinstance(exc, configparser.ParsingError):
+        lineno, quoted = exc.errors[0]  # configparser keeps the line as its repr
+        return f"{cfg} line {lineno}: cannot parse {ast.literal_eval(quoted).strip()!r}"
+    if isinstance(exc, configparser.DuplicateOptionError):
+        return f"{cfg} line {exc.lineno}: [{exc.section}] {exc.option} is set twice"
+    if isinstance(exc, configparser.DuplicateSectionError):
+        return f"{cfg} line {exc.lineno}: section [{exc.section}] appears twice"
+    return f"{cfg}: {exc.message}"
 
 
 def _load_yaml(path: Path) -> Any:
