@@ -118,13 +118,23 @@ class BlockReader(ABC):
                 chosen.append(share)
                 taken.add(share.shnum)
         if len(chosen) < count:
-            dropped = {**self.unavailable, **self.bad_shares}
-            reasons = "".join(f"; share {k}: {r}" for k, r in dropped.items())
-            distinct = len({self._shares[k].shnum for k in self.usable_shares})
-            raise NotEnoughSharesError(
-                f"{distinct} usable shares of the {self.needed} needed ({len(self._shares)} found{reasons})"
-            )
+            raise self._shortage()
         return chosen
+
+    def _shortage(self) -> NotEnoughSharesError:
+        """Why fewer than k usable shares are left."""
+        dropped = {**self.unavailable, **self.bad_shares}
+        reasons = "".join(f"; share {k}: {r}" for k, r in dropped.items())
+        distinct = len({self._shares[k].shnum for k in self.usable_shares})
+        return NotEnoughSharesError(
+            f"{distinct} usable shares of the {self.needed} needed ({len(self._shares)} found{reasons})"
+        )
+
+    @property
+    def corrupt_shares(self) -> dict[Hashable, str]:
+        """The bad shares that are evidence of corruption, to report to their servers: all of them, unless a
+        reader knows some failed only because the cap names another file."""
+        return self.bad_shares
 
     def _drop(self, key: Hashable, exc: Exception) -> None:
         self.bad_shares.setdefault(key, exc.reason if isinstance(exc, BadShareError) else str(exc))

@@ -1,5 +1,6 @@
 """Our own encoder and decoder: loss of shares, corruption anywhere, random sizes and parameters."""
 
+import dataclasses
 import itertools
 import os
 import random
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from lafs_core.caps import ChkCap, LiteralCap
 from lafs_core.errors import FormatError, LafsError, NotEnoughSharesError
 from lafs_core.fetch import drive
-from lafs_core.immutable.decode import ChkReader, read_shares
+from lafs_core.immutable.decode import CapMismatchError, ChkReader, read_shares
 from lafs_core.immutable.encode import ChkEncoder, encode_bytes
 from lafs_core.immutable.layout import parse_header, parse_uri_extension
 from lafs_core.immutable.params import ChkParameters
@@ -216,3 +217,33 @@ def test_errors_are_lafs_errors():
 
 def _reader(data):
     return lambda offset, length: data[offset : offset + length]
+
+
+def _with_corrupt_ueb(share: bytes) -> bytes:
+    offsets = parse_header(share)
+    raw = bytearray(share)
+    raw[offsets.uri_extension + offsets.fieldsize + 5] ^= 0x01
+    return bytes(raw)
+
+
+def test_a_cap_that_matches_no_share_is_not_corruption(sample):
+    _data, cap, shares = sample
+    mistyped = dataclasses.replace(cap, ueb_hash=bytes(32))
+    reader = ChkReader(mistyped, range(10))
+    with pytest.raises(CapMismatchError, match="no file on the grid matches this cap"):
+        drive(reader.read(0, cap.size), {s: _reader(shares[s]) for s in range(10)})
+    assert len(reader.bad_shares) == 10 and reader.corrupt_shares == {}  # every share was looked at
+
+
+def test_shares_whose_ueb_is_not_the_one_others_match_are_corrupt(sample):
+    data, cap, shares = sample
+    damaged = {s: _with_corrupt_ueb(shares[s]) if s < 8 else shares[s] for s in range(10)}
+    reader = ChkReader(cap, range(10))
+    with pytest.raises(NotEnoughSharesError) as info:
+        drive(reader.read(0, cap.size), {s: _reader(damaged[s]) for s in range(10)})
+    assert not isinstance(info.value, CapMismatchError)
+    assert sorted(reader.corrupt_shares) == list(range(8))
+    damaged[7] = shares[7]
+    reader = ChkReader(cap, range(10))
+    assert drive(reader.read(0, cap.size), {s: _reader(damaged[s]) for s in range(10)}) == data
+    assert sorted(reader.corrupt_shares) == list(range(7))

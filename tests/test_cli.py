@@ -95,10 +95,10 @@ def put_bytes(node: str, data: bytes, *target: str) -> str:
 
 
 def mistyped(cap: str) -> str:
-    """`cap` with one character of its second field (a CHK cap's UEB hash) changed, as a typo would."""
-    kind, first, second, rest = cap.split(":", 3)
-    changed = ("b" if second[3] == "a" else "a").join((second[:3], second[4:]))
-    return ":".join((kind, first, changed, rest))
+    """A CHK cap with one character of its UEB hash changed, as a typo would (its shares stay where they were)."""
+    uri, kind, key, ueb_hash, rest = cap.split(":", 4)
+    changed = ("b" if ueb_hash[3] == "a" else "a").join((ueb_hash[:3], ueb_hash[4:]))
+    return ":".join((uri, kind, key, changed, rest))
 
 
 def one_line(result: subprocess.CompletedProcess[bytes]) -> str:
@@ -316,3 +316,13 @@ def test_a_corrupt_tahoe_cfg_is_one_line(tmp_path: Path, config: str, message: s
     (tmp_path / "tahoe.cfg").write_text(config)
     line = one_line(blackmatch("ls", "-d", str(tmp_path), check=False))
     assert line == f"blackmatch: error: {tmp_path / 'tahoe.cfg'} {message}"
+
+
+def test_a_mistyped_cap_is_not_reported_as_corruption(node: str) -> None:
+    cap = put_bytes(node, os.urandom(100_000))
+    line = one_line(blackmatch("get", "-d", node, mistyped(cap), check=False))
+    assert line == (
+        "blackmatch: error: no file on the grid matches this cap (its shares' keys do not match: "
+        "the cap may be mistyped)"
+    )
+    assert not list(Path(node, "local-grid").glob("*/corruption-advisories/*"))

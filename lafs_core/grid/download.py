@@ -71,7 +71,7 @@ async def advise_corrupt(
     reader: BlockReader, servers: dict[str, StorageServer], storage_index: bytes, mutable: bool, already: set[Hashable]
 ) -> None:
     """Tell each server about its shares that failed verification (once per share)."""
-    for key, reason in list(reader.bad_shares.items()):
+    for key, reason in list(reader.corrupt_shares.items()):
         if key in already or not isinstance(key, ShareRef):
             continue
         already.add(key)

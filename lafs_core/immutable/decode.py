@@ -18,7 +18,7 @@ from ..block_reader import BlockReader, ShareState
 from ..caps import ChkCap
 from ..codec import CrsCodec
 from ..crypto import AesCtr
-from ..errors import BadShareError, FormatError, LafsError
+from ..errors import BadShareError, FormatError, LafsError, NotEnoughSharesError
 from ..fetch import ShareReadFn, Span, bytes_reader, drive
 from ..hashes import HASH_SIZE, block_hash, crypttext_segment_hash, uri_extension_hash
 from ..hashtree import BadHashError, IncompleteHashTree, NotEnoughHashesError, tree_size
@@ -46,6 +46,12 @@ class CorruptFileError(LafsError):
     """The UEB matches the cap but describes an impossible file: the uploader wrote garbage."""
 
 
+class CapMismatchError(NotEnoughSharesError):
+    """Shares lie under the cap's storage index, but not one carries the UEB the cap's hash names: the cap matches
+    no file (one mistyped character does this). The shares are not corrupt; some shares failing while others
+    match would be corruption, and is reported as such."""
+
+
 @dataclass
 class _SegmentPlan:
     """Which share supplies the crypttext-tree nodes this segment needs, and the nodes once read."""
@@ -66,6 +72,7 @@ class ChkReader(BlockReader):
         self._share_tree = IncompleteHashTree(cap.total)
         self._crypttext_tree = IncompleteHashTree(1)
         self._codecs: dict[int, CrsCodec] = {}
+        self._ueb_mismatches: set[Hashable] = set()
         self.add_shares(shnums)
 
     def add_shares(self, shnums: Iterable[int]) -> None:
@@ -77,6 +84,34 @@ class ChkReader(BlockReader):
         """Offer one share (copies on different servers get different keys). Numbers outside 0..N-1 are ignored."""
         if 0 <= shnum < self.cap.total:
             super().add_share(key, shnum)
+
+    @property
+    def _matches_no_share(self) -> bool:
+        """Whether every share that failed did so only because its UEB is not the one the cap names, and no
+        share's is: the cap is wrong, not the shares."""
+        return self.ueb is None and bool(self.bad_shares) and self.bad_shares.keys() <= self._ueb_mismatches
+
+    def _choose(self, count: int, exclude_shnums: Iterable[int] = ()) -> list[ShareState]:
+        """As the engine chooses; but while no share has matched the cap, too few shares left to decode are
+        still opened, since whether any of them matches tells a mistyped cap from corrupt shares."""
+        try:
+            return super()._choose(count, exclude_shnums)
+        except NotEnoughSharesError:
+            unchecked = [self._shares[key] for key in self.usable_shares if not self._shares[key].ready]
+            if self.ueb is None and unchecked:
+                return unchecked
+            raise
+
+    def _shortage(self) -> NotEnoughSharesError:
+        if self._matches_no_share:
+            return CapMismatchError(
+                "no file on the grid matches this cap (its shares' keys do not match: the cap may be mistyped)"
+            )
+        return super()._shortage()
+
+    @property
+    def corrupt_shares(self) -> dict[Hashable, str]:
+        return {} if self._matches_no_share else self.bad_shares
 
     @property
     def num_segments(self) -> int:
@@ -134,6 +169,7 @@ class ChkReader(BlockReader):
         if ueb_bytes is None:
             raise FormatError("share ends inside its UEB")
         if uri_extension_hash(ueb_bytes) != self.cap.ueb_hash:
+            self._ueb_mismatches.add(share.key)
             raise FormatError("UEB does not match the cap's UEB hash")
         if self.params is None:
             self._accept_ueb(parse_uri_extension(ueb_bytes))
