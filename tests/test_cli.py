@@ -247,6 +247,7 @@ def test_create_node_whose_servers_do_not_answer_yet(tmp_path: Path) -> None:
     assert warning.startswith("blackmatch: warning: happiness is 7 but 1 storage server is configured")
     assert error.startswith(f"blackmatch: error: node directory {node} made, but not its root directory")
     assert error.endswith(f"'blackmatch create-alias -d {node} tahoe' makes it")
+    assert "no storage server is reachable (" in error and "cannot connect" in error
     assert blackmatch("list-aliases", "-d", str(node)).stdout == b""
     storage = StorageProcess(server)
     storage.start()
@@ -326,3 +327,23 @@ def test_a_mistyped_cap_is_not_reported_as_corruption(node: str) -> None:
         "the cap may be mistyped)"
     )
     assert not list(Path(node, "local-grid").glob("*/corruption-advisories/*"))
+
+
+def test_a_grid_that_does_not_answer_is_named(tmp_path: Path) -> None:
+    servers = [StorageProcess(tmp_path / f"server-{i}") for i in range(2)]
+    for server in servers:
+        blackmatch("storage", "create", str(server.directory))
+        server.start()
+    try:
+        for server in servers:
+            server.wait_for("listening on")
+        node = str(tmp_path / "node")
+        yamls = [arg for server in servers for arg in ("--servers", str(server.directory / "servers.yaml"))]
+        blackmatch("create-node", node, *yamls, "--needed", "1", "--happy", "2", "--total", "2")
+        cap = put_bytes(node, os.urandom(10_000), "tahoe:file")
+    finally:
+        for server in servers:
+            server.stop()
+    for command in (["ls", "-d", node], ["get", "-d", node, cap]):
+        line = one_line(blackmatch(*command, check=False))
+        assert line.startswith("blackmatch: error: no storage server answered (") and line.count("cannot connect") == 2

@@ -18,11 +18,11 @@ import trio
 from .. import base32
 from ..block_reader import BlockReader
 from ..caps import ChkCap, LiteralCap
-from ..errors import sole_exception
+from ..errors import NotEnoughSharesError, sole_exception
 from ..fetch import FetchBatch, FetchResults, Span
 from ..immutable.decode import ChkReader
 from ..mutable.retrieve import ShareRef
-from .grid import Grid
+from .grid import Grid, no_server_answered, summarize_failures
 from .server_api import StorageServer, StorageServerError
 
 log = logging.getLogger("blackmatch.download")
@@ -103,9 +103,10 @@ class ImmutableFile:
     async def _locate(self) -> ChkReader:
         async with self._lock:
             if self._reader is None:
-                self._reader = ChkReader(self.cap)
+                reader = ChkReader(self.cap)
                 started = time.monotonic()
                 answered: list[tuple[float, str, set[int]]] = []
+                failures: list[str] = []
 
                 async def ask(server: StorageServer) -> None:
                     try:
@@ -113,15 +114,25 @@ class ImmutableFile:
                             shnums = await server.list_immutable_shares(self.storage_index)
                     except (StorageServerError, trio.TooSlowError) as exc:
                         log.info("share query to %s failed: %s", server.nickname, exc)
+                        failures.append(str(exc) or f"{server.nickname}: no answer in 30 s")
                         return
                     answered.append((time.monotonic() - started, server.server_id, shnums))
 
                 async with trio.open_nursery() as nursery:
                     for server in self.grid.permuted(self.storage_index):
                         nursery.start_soon(ask, server)
+                if not answered and failures:
+                    raise no_server_answered(failures)
+                if not any(shnums for _elapsed, _server, shnums in answered):  # asked again next time
+                    silent = f"; {len(failures)} did not answer: {summarize_failures(failures)}" if failures else ""
+                    raise NotEnoughSharesError(
+                        f"no share of this file on the {len(answered)} servers that answered "
+                        f"(the cap may be mistyped, or the file gone){silent}"
+                    )
                 for _elapsed, server_id, shnums in sorted(answered):
                     for shnum in sorted(shnums):
-                        self._reader.add_share(ShareRef(server_id, shnum), shnum)
+                        reader.add_share(ShareRef(server_id, shnum), shnum)
+                self._reader = reader
             return self._reader
 
     async def _fetch(self, key: Hashable, spans: list[Span]) -> list[bytes]:

@@ -17,6 +17,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from .. import rsa
+from ..errors import NotEnoughSharesError
 from ..hashes import (
     bucket_cancel_secret_hash,
     bucket_renewal_secret_hash,
@@ -114,6 +115,20 @@ class Grid:
     async def aclose(self) -> None:
         for server in self.servers:
             await server.aclose()
+
+
+class NoServerAnsweredError(NotEnoughSharesError):
+    """Not one storage server answered: the grid, or the way to it, is down, and nothing is known of the file."""
+
+
+def no_server_answered(failures: list[str]) -> NoServerAnsweredError:
+    return NoServerAnsweredError(f"no storage server answered ({summarize_failures(failures)})")
+
+
+def summarize_failures(failures: list[str], shown: int = 3) -> str:
+    """Servers' failures (each naming its server) for a one-line message: the first few, then how many more."""
+    more = len(failures) - shown
+    return "; ".join(failures[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
 async def gather_per_server(

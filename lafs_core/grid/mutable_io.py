@@ -23,7 +23,7 @@ from ..mutable.layout import MDMF_CHECKSTRING_SIZE, MDMF_VERSION, SDMF_VERSION, 
 from ..mutable.publish import UncoordinatedWriteError, next_seqnum, publish_vectors
 from ..mutable.retrieve import INITIAL_READ_SIZE, MutableReader, ServerMap, ShareRef, UnrecoverableFileError, readkey_of
 from .download import advise_corrupt, drive_async, read_spans
-from .grid import Grid, gather_per_server
+from .grid import Grid, gather_per_server, no_server_answered, summarize_failures
 from .selection import happiness, spread
 from .server_api import StorageServer, StorageServerError
 from .upload import UploadUnhappyError
@@ -54,6 +54,7 @@ async def map_servers(grid: Grid, cap: AnyMutableCap) -> ServerMap:
     for server_id, result in results.items():
         if isinstance(result, Exception):
             log.info("mapping %s on %s failed: %s", base32.encode(storage_index)[:8], server_id, result)
+            servermap.unanswered[server_id] = str(result)
     return servermap
 
 
@@ -87,6 +88,8 @@ async def retrieve(grid: Grid, cap: MutableWriteCap | MutableReadCap) -> tuple[b
             for ref in servermap.shares_of(version):  # this version turned out unreadable: try the next best
                 servermap.bad_shares[ref] = str(exc)
                 servermap.headers.pop(ref, None)
+    if not servermap.servers_seen and servermap.unanswered:
+        raise no_server_answered(list(servermap.unanswered.values()))
     reasons = "".join(f"; share {ref}: {why}" for ref, why in sorted(servermap.bad_shares.items()))
     raise UnrecoverableFileError(
         f"no recoverable version of mutable file {base32.encode(cap.storage_index)[:8]} "
@@ -95,7 +98,12 @@ async def retrieve(grid: Grid, cap: MutableWriteCap | MutableReadCap) -> tuple[b
 
 
 def _placements(
-    grid: Grid, servermap: ServerMap | None, storage_index: bytes, wanted: set[int], unusable: set[str]
+    grid: Grid,
+    servermap: ServerMap | None,
+    storage_index: bytes,
+    wanted: set[int],
+    unusable: set[str],
+    failures: dict[str, str],
 ) -> list[ShareRef]:
     """Where to write the wanted share numbers: wherever a copy was seen, else spread along the ring."""
     seen = list(servermap.headers) + list(servermap.bad_shares) if servermap else []
@@ -104,7 +112,8 @@ def _placements(
     if homeless:
         ring = [s.server_id for s in grid.permuted(storage_index) if s.server_id not in unusable]
         if not ring:
-            raise UploadUnhappyError("no storage server is reachable")
+            why = f" ({summarize_failures(list(failures.values()))})" if failures else ""
+            raise UploadUnhappyError(f"no storage server is reachable{why}")
         load: dict[str, int] = {}
         for ref in refs:
             load[ref.server] = load.get(ref.server, 0) + 1
@@ -134,10 +143,11 @@ async def publish(
     # Servers that did not answer while mapping may hold shares we cannot test against: leave them out.
     unusable = {sid for sid in servers if servermap is not None and sid not in servermap.servers_seen}
     written: dict[str, set[int]] = {}
+    failures = dict(servermap.unanswered) if servermap is not None else {}  # why servers are unusable
     wanted = set(range(total))
     for _round in range(PUBLISH_ROUNDS):
-        refs = _placements(grid, servermap, keys.storage_index, wanted, unusable)
-        await _write_round(grid, keys, encoded, servermap, refs, unusable, written)
+        refs = _placements(grid, servermap, keys.storage_index, wanted, unusable, failures)
+        await _write_round(grid, keys, encoded, servermap, refs, unusable, written, failures)
         wanted -= {shnum for shares in written.values() for shnum in shares}
         if not wanted:
             break
@@ -159,6 +169,7 @@ async def _write_round(
     refs: list[ShareRef],
     unusable: set[str],
     written: dict[str, set[int]],
+    failures: dict[str, str],
 ) -> None:
     by_server: dict[str, list[ShareRef]] = {}
     for ref in refs:
@@ -188,6 +199,7 @@ async def _write_round(
         else:
             log.info("publish to %s failed: %s", servers[server_id].nickname, result)
             unusable.add(server_id)
+            failures[server_id] = str(result)
     if collided:
         raise UncoordinatedWriteError(
             f"another writer changed mutable file {base32.encode(storage_index)[:8]} on {', '.join(collided)}"

@@ -59,6 +59,8 @@ class ServerMap:
     raw: dict[ShareRef, bytes] = field(default_factory=dict)
     bad_shares: dict[ShareRef, str] = field(default_factory=dict)
     servers_seen: set[str] = field(default_factory=set)
+    unanswered: dict[str, str] = field(default_factory=dict)
+    """Servers that did not answer, and why (the message names the server)."""
 
     def add_server(self, server: str) -> None:
         """Record that a server answered (with or without shares), so a publish knows it is reachable."""
