@@ -1,11 +1,12 @@
 """`blackmatch mount MOUNTPOINT` and `blackmatch unmount MOUNTPOINT`.
 
-`mount` serves a grid directory (the node's alias `tahoe:` unless told otherwise) at MOUNTPOINT. A node directory
-that does not exist yet is created first, as `blackmatch create-node` would (an embedded local grid and a root
-directory). Without `--foreground` the command returns once the mount is ready and a background process keeps
-serving it: that process is forked, leaves the terminal's session, and writes its log to
-`NODEDIR/private/blackmatch/mounts/KEY.log`; its pid is in `KEY.pid` next to it, where KEY names the mountpoint.
-The pid file is locked (flock) for as long as the process lives, which tells a live process from a stale file.
+`mount` serves a grid directory (the node's alias `tahoe:` unless told otherwise) at MOUNTPOINT. The default node
+directory (~/.blackmatch) is created first if it does not exist yet, as `blackmatch create-node` would (an embedded
+local grid and a root directory); a node directory named with -d must exist. Without `--foreground` the command
+returns once the mount is ready and a background process keeps serving it: that process is forked, leaves the
+terminal's session, and writes its log to `NODEDIR/private/blackmatch/mounts/KEY.log`; its pid is in `KEY.pid` next
+to it, where KEY names the mountpoint. The pid file is locked (flock) for as long as the process lives, which tells
+a live process from a stale file.
 
 The process unmounts on SIGTERM, SIGINT or SIGHUP, or when something unmounts the filesystem (`blackmatch
 unmount`, `fusermount3 -u`); then it lets the filesystem finish its uploads and exits. A second signal while it is
@@ -51,7 +52,7 @@ from lafs_core.grid.nodedir import NodeDirectory
 from .background import Report, configure_logging, start_daemon
 from .grid_commands import create_node
 from .grid_server_process import ensure_grid_server, start_grid_server_apart
-from .node_options import DEFAULT_NODE_DIRECTORY, add_node_directory_option
+from .node_options import DEFAULT_NODE_DIRECTORY, add_node_directory_option, existing_node
 from .rpc_client import ServerUnavailable, open_rpc_operations
 from .shim import FuseShim
 
@@ -390,8 +391,12 @@ def check_root_cap(text: str) -> DirectoryCap:
 
 
 def node_for_mount(args: argparse.Namespace) -> NodeDirectory:
-    """The node directory to use; made (with an embedded grid and a root directory) when it does not exist."""
+    """The node directory to use. Only the default one is made (with an embedded grid and a root directory) when
+    it does not exist, so that the first `blackmatch mount ~/grid` just works; any other must exist, as for every
+    other command: an empty or mistyped -d would otherwise mount a new, empty grid instead of the user's."""
     node = NodeDirectory(args.node_directory or DEFAULT_NODE_DIRECTORY)
+    if node.path != NodeDirectory(DEFAULT_NODE_DIRECTORY).path:
+        return existing_node(args)
     if not node.exists():
         create_node(node.path)
         print(f"Node directory created in {node.path}, with an embedded local grid", file=sys.stderr)

@@ -2,6 +2,8 @@
 
     with Mount(node_dir, mountpoint) as mount:      # blackmatch mount MOUNTPOINT -d NODEDIR [--no-split]
         (mountpoint / "f").write_bytes(b"...")
+    # a node directory that does not exist yet is made first (blackmatch create-node NODEDIR), and so is the
+    # mountpoint
     # here `blackmatch unmount` has returned and the serving process is gone (asserted); in split mode the
     # grid server is gone too once no other Mount of the node directory is open (asserted, within 10 s)
 
@@ -40,11 +42,14 @@ if MODE not in MODES:
     raise RuntimeError(f"BLACKMATCH_MOUNT_MODE must be one of {MODES}, not {MODE!r}")
 
 
-def blackmatch(*args: str, timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
-    """Run the command line as a user would (`python -m fuse_client.cli ...`)."""
+def blackmatch(*args: str, timeout: float = 60.0, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    """Run the command line as a user would (`python -m fuse_client.cli ...`), in this checkout or in `cwd`."""
+    if cwd != ROOT:  # python -m must still find this checkout's packages
+        env = kwargs.get("env", os.environ)
+        kwargs["env"] = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
     return subprocess.run(
         [sys.executable, "-m", "fuse_client.cli", *args],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -149,6 +154,9 @@ class Mount:
 
     def __enter__(self) -> Mount:
         self.requested.mkdir(parents=True, exist_ok=True)
+        if not self.node_dir.exists():
+            created = blackmatch("create-node", str(self.node_dir))
+            assert created.returncode == 0, created.stderr
         self.mountpoint = canonical_mountpoint(self.requested)
         args = ["mount", str(self.requested), "-d", str(self.node_dir), *self.extra_args, *mode_args(self.split)]
         Mount.open_mounts[self.node_dir] = Mount.open_mounts.get(self.node_dir, 0) + 1

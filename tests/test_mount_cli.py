@@ -73,6 +73,25 @@ def test_mountpoint_must_exist(tmp_path):
     assert not (tmp_path / "node").exists()  # nothing is created for a mount that cannot happen
 
 
+@pytest.mark.parametrize("named", ["missing", "", "typo"])
+def test_a_node_directory_named_must_exist(tmp_path, named):
+    """Only the default node directory is made by mount: a mistyped or empty -d is an error, as for ls or put,
+    not a new empty grid mounted in its place."""
+    node, cwd = tmp_path / "node", tmp_path / "cwd"  # an empty -d names the working directory
+    assert blackmatch("create-node", str(node)).returncode == 0
+    (tmp_path / "mnt").mkdir()
+    cwd.mkdir()
+    given = {"missing": str(tmp_path / "other"), "": "", "typo": str(node) + "e"}[named]
+    try:
+        line = one_line_error(blackmatch("mount", str(tmp_path / "mnt"), "-d", given, cwd=cwd))
+        assert "is not a node directory" in line and "blackmatch create-node" in line
+        assert one_line_error(blackmatch("ls", "-d", given, cwd=cwd)) == line  # as the other commands say it
+        assert find_mount(canonical_mountpoint(tmp_path / "mnt")) is None
+        assert not (cwd / (given or ".") / "private").exists()
+    finally:  # before the fix, a mount of a new grid ran there
+        Mount(cwd / (given or "."), tmp_path / "mnt").cleanup()
+
+
 def test_mountpoint_must_be_a_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     line = one_line_error(blackmatch("mount", str(tmp_path / "file"), "-d", str(tmp_path / "node")))
@@ -142,7 +161,6 @@ def test_mount_write_unmount_remount(tmp_path):
     node, mountpoint = tmp_path / "node", tmp_path / "mnt"
     data = os.urandom(300_000)
     with Mount(node, mountpoint) as mount:
-        assert (node / "private" / "aliases").exists()  # a fresh node directory, made by mount
         assert mount.pid is not None and process_alive(mount.pid) and mount.pid != os.getpid()
         assert "log" in mount.mount_result.stdout and str(mount.log_file) in mount.mount_result.stdout
         (mountpoint / "hello.txt").write_text("hello, grid\n")
