@@ -1,12 +1,12 @@
 """`blackmatch mount MOUNTPOINT` and `blackmatch unmount MOUNTPOINT`.
 
-`mount` serves a grid directory (the node's alias `tahoe:` unless told otherwise) at MOUNTPOINT. The default node
-directory (~/.blackmatch) is created first if it does not exist yet, as `blackmatch create-node` would (an embedded
-local grid and a root directory); a node directory named with -d must exist. Without `--foreground` the command
-returns once the mount is ready and a background process keeps serving it: that process is forked, leaves the
-terminal's session, and writes its log to `NODEDIR/private/blackmatch/mounts/KEY.log`; its pid is in `KEY.pid` next
-to it, where KEY names the mountpoint. The pid file is locked (flock) for as long as the process lives, which tells
-a live process from a stale file.
+`mount` serves a grid directory (the node's alias `tahoe:` unless told otherwise) at MOUNTPOINT, a directory
+created if only its last component is missing. The default node directory (~/.blackmatch) is created first if it
+does not exist yet, as `blackmatch create-node` would (an embedded local grid and a root directory); a node
+directory named with -d must exist. Without `--foreground` the command returns once the mount is ready and a
+background process keeps serving it: that process is forked, leaves the terminal's session, and writes its log to
+`NODEDIR/private/blackmatch/mounts/KEY.log`; its pid is in `KEY.pid` next to it, where KEY names the mountpoint.
+The pid file is locked (flock) for as long as the process lives, which tells a live process from a stale file.
 
 The process unmounts on SIGTERM, SIGINT or SIGHUP, or when something unmounts the filesystem (`blackmatch
 unmount`, `fusermount3 -u`); then it lets the filesystem finish its uploads and exits. A second signal while it is
@@ -78,7 +78,9 @@ def add_mount_commands(commands: argparse._SubParsersAction) -> None:
         description="Mount a grid directory at MOUNTPOINT. Without --foreground, returns once it is mounted and "
         "serves it from a background process; stop it with: blackmatch unmount MOUNTPOINT.",
     )
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing directory")
+    mount.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", type=Path, help="a directory (created if only it is missing)"
+    )
     add_node_directory_option(mount)
     root = mount.add_mutually_exclusive_group()
     root.add_argument("--alias", metavar="NAME", help="mount this alias of the node (default: tahoe)")
@@ -360,6 +362,8 @@ def find_serving_process(node: NodeDirectory, mountpoint: Path) -> ServingProces
 
 # --- mount -----------------------------------------------------------------------------------------------------
 def check_mountpoint(path: Path, node: NodeDirectory) -> Path:
+    """The canonical mountpoint, if a mount may go there: nothing mounted on it, and a directory or a name the
+    mount may create (its parent exists)."""
     mountpoint = canonical_mountpoint(path)
     entry = find_mount(mountpoint)
     if entry is not None:
@@ -375,10 +379,25 @@ def check_mountpoint(path: Path, node: NodeDirectory) -> Path:
     except OSError as exc:
         raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
     if not exists:
-        raise MountError(f"mountpoint {mountpoint} does not exist")
+        if not mountpoint.parent.is_dir():
+            raise MountError(f"mountpoint {mountpoint} does not exist, and neither does {mountpoint.parent}")
+        return mountpoint
     if not is_directory:
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     return mountpoint
+
+
+def make_mountpoint(mountpoint: Path) -> bool:
+    """Create a missing mountpoint (its last component only, as `check_mountpoint` allowed); whether it did, so
+    that a mount that then fails can take it away again."""
+    try:
+        mountpoint.mkdir()
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise MountError(f"cannot create the mountpoint {mountpoint}: {exc.strerror}") from None
+    print(f"Created the mountpoint {mountpoint}", file=sys.stderr)
+    return True
 
 
 def check_root_cap(text: str) -> DirectoryCap:
@@ -453,13 +472,20 @@ def mount_command(args: argparse.Namespace) -> int:
     transport = choose_transport(split=not args.no_split)
     options = fuse_options(args.fuse_options, read_only)
     mounts_directory(node)
-    for _attempt in range(MOUNT_ATTEMPTS):
-        plan = MountPlan(mountpoint, node, what, transport(node, root_cap, settings), options)
-        status = serve_foreground(plan) if args.foreground else serve_in_background(plan)
-        if status != SERVER_GONE:
-            return status
-        log.info("the grid server exited just as this mount started; starting it again")
-    raise MountError(f"the grid server kept exiting before {mountpoint} was mounted; see its log")
+    created = make_mountpoint(mountpoint)
+    status = 1
+    try:
+        for _attempt in range(MOUNT_ATTEMPTS):
+            plan = MountPlan(mountpoint, node, what, transport(node, root_cap, settings), options)
+            status = serve_foreground(plan) if args.foreground else serve_in_background(plan)
+            if status != SERVER_GONE:
+                return status
+            log.info("the grid server exited just as this mount started; starting it again")
+        raise MountError(f"the grid server kept exiting before {mountpoint} was mounted; see its log")
+    finally:
+        if created and status != 0:
+            with contextlib.suppress(OSError):  # (still mounted after all: EBUSY)
+                mountpoint.rmdir()  # a failed mount leaves nothing behind
 
 
 def _unmount_hint(plan: MountPlan) -> str:

@@ -3,7 +3,8 @@
     with Mount(node_dir, mountpoint) as mount:      # blackmatch mount MOUNTPOINT -d NODEDIR [--no-split]
         (mountpoint / "f").write_bytes(b"...")
     # a node directory that does not exist yet is made first (blackmatch create-node NODEDIR), and so is the
-    # mountpoint
+    # mountpoint; Mount(None, mountpoint, home=HOME) runs every command as a user whose HOME is HOME, without -d
+    # and without making anything first (the node directory is then HOME/.blackmatch)
     # here `blackmatch unmount` has returned and the serving process is gone (asserted); in split mode the
     # grid server is gone too once no other Mount of the node directory is open (asserted, within 10 s)
 
@@ -124,8 +125,20 @@ class Mount:
 
     open_mounts: ClassVar[dict[Path, int]] = {}  # node directory -> Mounts of it inside a `with` block
 
-    def __init__(self, node_dir: Path, mountpoint: Path, *extra_args: str, split: bool | None = None) -> None:
+    def __init__(
+        self,
+        node_dir: Path | None,
+        mountpoint: Path,
+        *extra_args: str,
+        split: bool | None = None,
+        home: Path | None = None,
+    ) -> None:
+        if home is not None:
+            assert node_dir is None, "with home, the node directory is the default one, HOME/.blackmatch"
+            node_dir = home / ".blackmatch"
+        assert node_dir is not None
         self.node_dir = Path(node_dir).absolute()
+        self.home = home
         self.requested = Path(mountpoint)
         self.extra_args = extra_args
         self.split = MODE == "split" if split is None else split
@@ -152,16 +165,23 @@ class Mount:
         logs = [self.log_file] + ([ServerFiles.of(self.node).log] if self.split else [])
         return "".join(read_text(path) for path in logs)
 
+    def run(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        """`blackmatch ARGS -d NODEDIR`, or with home: `blackmatch ARGS` with that HOME."""
+        if self.home is None:
+            return blackmatch(*args, "-d", str(self.node_dir), timeout=timeout)
+        return blackmatch(*args, timeout=timeout, env={**os.environ, "HOME": str(self.home)})
+
     def __enter__(self) -> Mount:
-        self.requested.mkdir(parents=True, exist_ok=True)
-        if not self.node_dir.exists():
-            created = blackmatch("create-node", str(self.node_dir))
-            assert created.returncode == 0, created.stderr
+        if self.home is None:
+            self.requested.mkdir(parents=True, exist_ok=True)
+            if not self.node_dir.exists():
+                created = blackmatch("create-node", str(self.node_dir))
+                assert created.returncode == 0, created.stderr
         self.mountpoint = canonical_mountpoint(self.requested)
-        args = ["mount", str(self.requested), "-d", str(self.node_dir), *self.extra_args, *mode_args(self.split)]
+        args = ["mount", str(self.requested), *self.extra_args, *mode_args(self.split)]
         Mount.open_mounts[self.node_dir] = Mount.open_mounts.get(self.node_dir, 0) + 1
         try:
-            self.mount_result = blackmatch(*args, timeout=MOUNT_TIMEOUT)
+            self.mount_result = self.run(*args, timeout=MOUNT_TIMEOUT)
         except BaseException:
             self.cleanup()
             raise
@@ -191,7 +211,7 @@ class Mount:
     def unmount(self) -> str | None:
         """`blackmatch unmount`; what went wrong, if anything."""
         try:
-            result = blackmatch("unmount", str(self.mountpoint), "-d", str(self.node_dir), timeout=UNMOUNT_TIMEOUT)
+            result = self.run("unmount", str(self.mountpoint), timeout=UNMOUNT_TIMEOUT)
         except subprocess.TimeoutExpired:
             return "blackmatch unmount timed out"
         if result.returncode != 0:

@@ -67,9 +67,11 @@ def test_usage_errors(args):
     assert "usage:" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_mountpoint_must_exist(tmp_path):
-    line = one_line_error(blackmatch("mount", str(tmp_path / "missing"), "-d", str(tmp_path / "node")))
-    assert "does not exist" in line
+def test_mountpoint_parent_must_exist(tmp_path):
+    """mount creates a missing mountpoint, but only its last component."""
+    line = one_line_error(blackmatch("mount", str(tmp_path / "missing" / "mnt"), "-d", str(tmp_path / "node")))
+    assert "does not exist" in line and str(tmp_path / "missing") in line
+    assert not (tmp_path / "missing").exists()
     assert not (tmp_path / "node").exists()  # nothing is created for a mount that cannot happen
 
 
@@ -178,6 +180,31 @@ def test_mount_write_unmount_remount(tmp_path):
     with Mount(node, mountpoint):
         assert (mountpoint / "hello.txt").read_text() == "hello, grid\n"
         assert (mountpoint / "sub" / "data.bin").read_bytes() == data
+
+
+@requires_fuse
+def test_the_readme_mount_on_a_fresh_home(tmp_path):
+    """`./blackmatch mount ~/grid` as the README gives it, for a user with nothing yet: no ~/.blackmatch and no
+    ~/grid. Both are made (each said in one line on stderr), the mount works, and ~/grid stays afterwards."""
+    home = tmp_path / "home"
+    home.mkdir()
+    with Mount(None, home / "grid", home=home) as mount:
+        stderr = mount.mount_result.stderr
+        assert f"Created the mountpoint {home / 'grid'}\n" in stderr, stderr
+        assert f"Node directory created in {home / '.blackmatch'}" in stderr, stderr
+        (home / "grid" / "hello.txt").write_text("hello")
+        status = mount.run("status", timeout=60)
+        assert f"  {home / 'grid'} (pid {mount.pid})" in status.stdout, status.stdout
+    assert os.listdir(home / "grid") == []
+    with Mount(None, home / "grid", home=home) as again:
+        assert "Created" not in again.mount_result.stderr
+        assert (home / "grid" / "hello.txt").read_text() == "hello"
+
+
+def test_a_refused_mount_creates_no_mountpoint(tmp_path):
+    line = one_line_error(blackmatch("mount", str(tmp_path / "mnt"), "-d", str(tmp_path / "node")))
+    assert "is not a node directory" in line
+    assert not (tmp_path / "mnt").exists()
 
 
 @requires_fuse
