@@ -1,12 +1,13 @@
 """`blackmatch mount MOUNTPOINT` and `blackmatch unmount MOUNTPOINT`.
 
-`mount` serves a grid directory (the node's alias `tahoe:` unless told otherwise) at MOUNTPOINT, a directory
-created if only its last component is missing. The default node directory (~/.blackmatch) is created first if it
-does not exist yet, as `blackmatch create-node` would (an embedded local grid and a root directory); a node
-directory named with -d must exist. Without `--foreground` the command returns once the mount is ready and a
-background process keeps serving it: that process is forked, leaves the terminal's session, and writes its log to
-`NODEDIR/private/blackmatch/mounts/KEY.log`; its pid is in `KEY.pid` next to it, where KEY names the mountpoint.
-The pid file is locked (flock) for as long as the process lives, which tells a live process from a stale file.
+`mount` serves a grid directory (the node's alias `tahoe:` unless told otherwise) at MOUNTPOINT, an empty
+directory (any directory with `-o nonempty`), created if only its last component is missing. The default node
+directory (~/.blackmatch) is created first if it does not exist yet, as `blackmatch create-node` would (an embedded
+local grid and a root directory); a node directory named with -d must exist. Without `--foreground` the command
+returns once the mount is ready and a background process keeps serving it: that process is forked, leaves the
+terminal's session, and writes its log to `NODEDIR/private/blackmatch/mounts/KEY.log`; its pid is in `KEY.pid` next
+to it, where KEY names the mountpoint. The pid file is locked (flock) for as long as the process lives, which tells
+a live process from a stale file.
 
 The process unmounts on SIGTERM, SIGINT or SIGHUP, or when something unmounts the filesystem (`blackmatch
 unmount`, `fusermount3 -u`); then it lets the filesystem finish its uploads and exits. A second signal while it is
@@ -64,6 +65,7 @@ MOUNT_ATTEMPTS = 3
 SERVER_GONE = 75  # run_server's status when the grid server exited before the mount was up: start it again
 READY_TIMEOUT = 300.0  # seconds `mount` waits for the background process to have mounted
 UNMOUNT_TIMEOUT = 600.0  # default seconds `unmount` waits for the serving process to finish its uploads
+NONEMPTY = "nonempty"  # -o nonempty, as fuse2 and rclone spell it: mount over a directory that holds something
 
 
 class MountError(LafsError):
@@ -79,7 +81,7 @@ def add_mount_commands(commands: argparse._SubParsersAction) -> None:
         "serves it from a background process; stop it with: blackmatch unmount MOUNTPOINT.",
     )
     mount.add_argument(
-        "mountpoint", metavar="MOUNTPOINT", type=Path, help="a directory (created if only it is missing)"
+        "mountpoint", metavar="MOUNTPOINT", type=Path, help="an empty directory (created if only it is missing)"
     )
     add_node_directory_option(mount)
     root = mount.add_mutually_exclusive_group()
@@ -104,7 +106,8 @@ def add_mount_commands(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="OPTION[,OPTION...]",
-        help="FUSE mount option, e.g. allow_other (repeatable)",
+        help="FUSE mount option, e.g. allow_other, or nonempty to mount over a directory that is not empty "
+        "(repeatable)",
     )
     mount.set_defaults(handler=mount_command)
 
@@ -361,9 +364,10 @@ def find_serving_process(node: NodeDirectory, mountpoint: Path) -> ServingProces
 
 
 # --- mount -----------------------------------------------------------------------------------------------------
-def check_mountpoint(path: Path, node: NodeDirectory) -> Path:
-    """The canonical mountpoint, if a mount may go there: nothing mounted on it, and a directory or a name the
-    mount may create (its parent exists)."""
+def check_mountpoint(path: Path, node: NodeDirectory, nonempty: bool) -> Path:
+    """The canonical mountpoint, if a mount may go there: nothing mounted on it, and an empty directory (any
+    directory with `nonempty`: mounting hides what it holds until unmounted), or a name the mount may create
+    (its parent exists)."""
     mountpoint = canonical_mountpoint(path)
     entry = find_mount(mountpoint)
     if entry is not None:
@@ -384,6 +388,17 @@ def check_mountpoint(path: Path, node: NodeDirectory) -> Path:
         return mountpoint
     if not is_directory:
         raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as entries:
+                empty = next(entries, None) is None
+        except OSError as exc:
+            raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        if not empty:
+            raise MountError(
+                f"mountpoint {mountpoint} is not empty; mounting would hide what it holds "
+                f"(-o {NONEMPTY} mounts over it all the same)"
+            )
     return mountpoint
 
 
@@ -433,19 +448,24 @@ def root_of(node: NodeDirectory, args: argparse.Namespace) -> tuple[str, str]:
     return cap, f"{alias}:"
 
 
+def option_items(extra: list[str]) -> list[str]:
+    """The options of every -o, each of which may hold several separated by commas."""
+    return [item for option in extra for item in (item.strip() for item in option.split(",")) if item]
+
+
 def fuse_options(extra: list[str], read_only: bool) -> set[str]:
     """The mount options: the kernel checks permissions against the modes the server reports
     (default_permissions); set-user-id bits and device files from a shared grid mean nothing here (nosuid, nodev);
     a read-only root mounts read-only. Options from -o are added, and `suid`, `dev` or `rw` there drop the
-    default they contradict (libfuse gets the options as a set, in no order)."""
+    default they contradict (libfuse gets the options as a set, in no order); `nonempty` is blackmatch's own
+    (libfuse3 mounts over anything and rejects it as unknown)."""
     options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions", "nosuid", "nodev"}
     if read_only:
         options.add("ro")
-    for option in extra:
-        for item in (item.strip() for item in option.split(",")):
-            if item:
-                options.discard(_CONTRADICTS.get(item, ""))
-                options.add(item)
+    for item in option_items(extra):
+        if item != NONEMPTY:
+            options.discard(_CONTRADICTS.get(item, ""))
+            options.add(item)
     return options
 
 
@@ -462,7 +482,9 @@ class MountPlan:
 
 
 def mount_command(args: argparse.Namespace) -> int:
-    mountpoint = check_mountpoint(args.mountpoint, NodeDirectory(args.node_directory or DEFAULT_NODE_DIRECTORY))
+    nonempty = NONEMPTY in option_items(args.fuse_options)
+    named_node = NodeDirectory(args.node_directory or DEFAULT_NODE_DIRECTORY)
+    mountpoint = check_mountpoint(args.mountpoint, named_node, nonempty)
     if args.root_cap:
         check_root_cap(args.root_cap)
     node = node_for_mount(args)

@@ -150,7 +150,8 @@ def test_mount_table_is_read_without_touching_mounts():
 
 
 def test_fuse_options():
-    options = fuse_options(["allow_other,noatime", "debug"], read_only=True)
+    options = fuse_options(["allow_other,noatime", "debug,nonempty"], read_only=True)
+    assert "nonempty" not in options
     assert {"fsname=blackmatch", "subtype=blackmatch", "default_permissions", "ro"} <= options
     assert {"allow_other", "noatime", "debug"} <= options
     assert "allow_other" not in fuse_options([], read_only=False)
@@ -205,6 +206,27 @@ def test_a_refused_mount_creates_no_mountpoint(tmp_path):
     line = one_line_error(blackmatch("mount", str(tmp_path / "mnt"), "-d", str(tmp_path / "node")))
     assert "is not a node directory" in line
     assert not (tmp_path / "mnt").exists()
+
+
+@requires_fuse
+def test_a_non_empty_mountpoint_is_refused_unless_asked(tmp_path):
+    """Mounting hides what the directory holds: refused with a clear error, unless -o nonempty (which libfuse3
+    itself rejects as unknown, so blackmatch must not pass it on)."""
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    assert blackmatch("create-node", str(node)).returncode == 0
+    mountpoint.mkdir()
+    (mountpoint / "local.txt").write_text("mine")
+    try:
+        line = one_line_error(blackmatch("mount", str(mountpoint), "-d", str(node), *mode_args()))
+        assert f"{mountpoint} is not empty" in line and "-o nonempty" in line
+        assert find_mount(canonical_mountpoint(mountpoint)) is None
+    finally:  # before the fix, it was mounted
+        Mount(node, mountpoint).cleanup()
+    with Mount(node, mountpoint, "-o", "nonempty"):
+        assert os.listdir(mountpoint) == []  # the grid's root, which hides the local file
+        (mountpoint / "grid.txt").write_text("on the grid")
+    assert os.listdir(mountpoint) == ["local.txt"]
+    assert (mountpoint / "local.txt").read_text() == "mine"
 
 
 @requires_fuse
