@@ -5,6 +5,8 @@ The command forks; the child starts a new session (setsid) and forks again, so t
 shell, runtests.py, systemd) is not held by it. The daemon runs with umask 077, in /, with stdin from /dev/null
 and stdout and stderr appended to its log. It reports through a pipe: first its pid, then one word when it is
 ready (or busy, or whatever else the caller agrees with it); the command waits for that word, with a timeout.
+Warnings the daemon logs before that word (a setting that does not take effect, servers that do not answer) also
+go through the pipe, so that the command can show them on its terminal and not only in the log.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Outcome:
     pid: int | None
     log_path: Path
     log_start: int  # where this run's part of the log begins
+    warnings: list[str]  # what the daemon logged as warnings (or worse) before its word, one line each
 
     def log_tail(self) -> list[str]:
         return log_tail(self.log_path, self.log_start)
@@ -90,8 +93,11 @@ def start_daemon(log_path: Path, run: Callable[[Report], int], timeout: float) -
             os.close(log_fd)
             configure_logging()
             _write_quietly(report_write, f"pid {os.getpid()}\n")
+            warnings = _WarningsToStarter(report_write)
+            logging.getLogger().addHandler(warnings)
 
             def report(word: str) -> None:
+                logging.getLogger().removeHandler(warnings)  # the command stops reading at the word
                 _write_quietly(report_write, word + "\n")
 
             status = run(report)
@@ -108,14 +114,15 @@ def start_daemon(log_path: Path, run: Callable[[Report], int], timeout: float) -
     os.close(report_write)
     os.close(log_fd)
     os.waitpid(child, 0)  # the first child exits at once, leaving the daemon to init
+    warnings: list[str] = []
     try:
-        word, pid = _wait_for_word(report_read, timeout)
+        word, pid = _wait_for_word(report_read, timeout, warnings)
     finally:
         os.close(report_read)
     if word == "timeout" and pid is not None:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
-    return Outcome(word, pid, log_path, log_start)
+    return Outcome(word, pid, log_path, log_start, warnings)
 
 
 def _write_quietly(fd: int, text: str) -> None:
@@ -123,7 +130,22 @@ def _write_quietly(fd: int, text: str) -> None:
         os.write(fd, text.encode())
 
 
-def _wait_for_word(fd: int, timeout: float) -> tuple[str, int | None]:
+_WARNING = "warning "
+
+
+class _WarningsToStarter(logging.Handler):
+    """In the daemon until it reports its word: each warning logged, as one line to the starting command."""
+
+    def __init__(self, report_fd: int) -> None:
+        super().__init__(logging.WARNING)
+        self.report_fd = report_fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _write_quietly(self.report_fd, _WARNING + " ".join(record.getMessage().split()) + "\n")
+
+
+def _wait_for_word(fd: int, timeout: float, warnings: list[str]) -> tuple[str, int | None]:
+    """The daemon's word and pid; the warnings it sends meanwhile are added to `warnings`."""
     deadline = time.monotonic() + timeout
     received = b""
     pid = None
@@ -138,6 +160,8 @@ def _wait_for_word(fd: int, timeout: float) -> tuple[str, int | None]:
             text = line.decode(errors="replace")
             if text.startswith("pid "):
                 pid = int(text[4:])
+            elif text.startswith(_WARNING):
+                warnings.append(text.removeprefix(_WARNING))
             else:
                 return text, pid
         if not chunk:

@@ -186,8 +186,10 @@ def split_transport(node: NodeDirectory, root_cap: str, settings: FilesystemSett
         for name, asked in settings.given().items():
             if in_effect.get(name) != asked:
                 log.warning(
-                    "the grid server already runs with %s %s for this node directory; it stays so until it exits",
+                    "--%s %s does not take effect: the grid server of %s runs with %s until it exits",
                     name.replace("_", "-"),
+                    asked,
+                    node.path,
                     in_effect.get(name),
                 )
 
@@ -533,6 +535,8 @@ def serve_in_background(plan: MountPlan) -> int:
         return status
 
     outcome = start_daemon(log_file(plan.node, plan.mountpoint), run, READY_TIMEOUT)
+    for warning in outcome.warnings:
+        print(f"blackmatch: warning: {warning}", file=sys.stderr)
     if outcome.word == "server-gone":
         return SERVER_GONE
     if outcome.word == "ready" and find_mount(plan.mountpoint) is not None:

@@ -80,6 +80,16 @@ def test_server_is_a_daemon_and_exits_after_the_unmount(tmp_path):
     assert result.returncode == 0 and result.stdout == "in split mode\n", result.stderr
 
 
+def test_a_setting_the_running_server_does_not_take_is_said_on_the_terminal(tmp_path):
+    node = tmp_path / "node"
+    with Mount(node, tmp_path / "a", "--cache-size", "64M", split=True) as first:
+        assert "warning" not in first.mount_result.stderr
+        with Mount(node, tmp_path / "b", "--cache-size", "128M", split=True) as second:
+            stderr = second.mount_result.stderr
+            assert f"blackmatch: warning: --cache-size {128 << 20} does not take effect" in stderr, stderr
+            assert f"runs with {64 << 20} until it exits" in stderr, stderr
+
+
 def test_two_mounts_share_one_server_until_both_are_gone(tmp_path):
     node = tmp_path / "node"
     with Mount(node, tmp_path / "a", split=True) as first:
