@@ -13,8 +13,12 @@ The process unmounts on SIGTERM, SIGINT or SIGHUP, or when something unmounts th
 unmount`, `fusermount3 -u`); then it lets the filesystem finish its uploads and exits. A second signal while it is
 finishing stops it at once; what was not uploaded yet stays queued on disk and goes up on the next mount.
 
-`unmount` runs `fusermount3 -u MOUNTPOINT` and waits until the serving process has exited, so that when it returns
-every write is on the grid.
+`unmount` runs `fusermount3 -u MOUNTPOINT` and waits until the serving process has exited; it exits 0 only when
+every write is on the grid. The process waits for its uploads while they make progress, and gives up once nothing
+has moved for two minutes, or for `unmount --timeout` seconds if that is less (the request is left next to the pid
+file, `KEY.unmount`); what it could not upload stays queued in the node directory for the next mount. Before it
+exits it adds how many changes stay queued to its pid file, which `unmount` holds open and reads (`left N`), so
+`unmount` can fail saying so.
 
 How the filesystem is reached is a parameter (`Transport`). By default the process is only the FUSE shim: it
 forwards every operation over the RPC socket to the node directory's grid server (started first if none runs;
@@ -65,6 +69,8 @@ MOUNT_ATTEMPTS = 3
 SERVER_GONE = 75  # run_server's status when the grid server exited before the mount was up: start it again
 READY_TIMEOUT = 300.0  # seconds `mount` waits for the background process to have mounted
 UNMOUNT_TIMEOUT = 600.0  # default seconds `unmount` waits for the serving process to finish its uploads
+EXIT_GRACE = 30.0  # seconds `unmount` gives the serving process beyond --timeout to give up, say so and exit
+CHANGES_LEFT = "left"  # the pid file's last line at a clean exit: "left N", the changes that stay queued
 NONEMPTY = "nonempty"  # -o nonempty, as fuse2 and rclone spell it: mount over a directory that holds something
 
 
@@ -123,7 +129,8 @@ def add_mount_commands(commands: argparse._SubParsersAction) -> None:
         type=_non_negative_float,
         default=UNMOUNT_TIMEOUT,
         metavar="SECONDS",
-        help=f"how long to wait for pending uploads (default {UNMOUNT_TIMEOUT:g})",
+        help=f"how long to wait for pending uploads (default {UNMOUNT_TIMEOUT:g}); uploads that make no progress "
+        "for this long (or for 120 s) stay queued for the next mount",
     )
     unmount.set_defaults(handler=unmount_command)
 
@@ -281,6 +288,22 @@ def log_file(node: NodeDirectory, mountpoint: Path) -> Path:
     return node.private / "blackmatch" / "mounts" / f"{mount_key(mountpoint)}.log"
 
 
+def unmount_request(pid_path: Path) -> Path:
+    """Where `unmount` leaves its --timeout for the serving process whose pid file is `pid_path`."""
+    return pid_path.with_suffix(".unmount")
+
+
+def take_unmount_request(pid_path: Path) -> float | None:
+    """The --timeout `unmount` asked for, if it did (the request is used up)."""
+    path = unmount_request(pid_path)
+    try:
+        text = path.read_text()
+        path.unlink()
+        return float(text)
+    except (OSError, ValueError):
+        return None
+
+
 def lock_pid_file(path: Path, mountpoint: Path) -> PidLock:
     """The serving process's pid file (its pid, then the mountpoint), locked while it lives."""
     try:
@@ -320,6 +343,12 @@ class ServingProcess:
 
     def exited(self) -> bool:
         return not lock_held_on(self.fd) and not process_alive(self.pid)
+
+    def changes_left(self) -> int | None:
+        """Once it has exited: how many changes it left queued, or None if it did not say (it was killed)."""
+        lines = os.pread(self.fd, 8192, 0).decode("utf-8", "surrogateescape").splitlines()
+        word, _, count = lines[-1].partition(" ") if lines else ("", "", "")
+        return int(count) if word == CHANGES_LEFT and count.isdigit() else None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -564,7 +593,7 @@ def run_server(plan: MountPlan, ready: Callable[[], None]) -> int:
         log.error("%s", exc)
         return 1
     try:
-        return trio.run(_serve, plan, ready)
+        return trio.run(_serve, plan, ready, lambda left: pid_handle.add_line(f"{CHANGES_LEFT} {left}"))
     except Exception as failure:
         exc = sole_exception(failure)
         if isinstance(exc, ServerUnavailable) or (isinstance(exc, FsError) and exc.errno == errno.ENOTCONN):
@@ -577,7 +606,8 @@ def run_server(plan: MountPlan, ready: Callable[[], None]) -> int:
         log.info("exiting")
 
 
-async def _serve(plan: MountPlan, ready: Callable[[], None]) -> int:
+async def _serve(plan: MountPlan, ready: Callable[[], None], finished: Callable[[int], None]) -> int:
+    """Mount, serve until unmounted, then wait for the uploads and tell `finished` how many changes stay queued."""
     phase = "opening"
     life = trio.CancelScope()
 
@@ -615,6 +645,8 @@ async def _serve(plan: MountPlan, ready: Callable[[], None]) -> int:
                             pyfuse3.close(unmount=True)
                             log.info("unmounted %s; finishing uploads", plan.mountpoint)
                             await shim.release_leftovers()
+                        give_up_after = take_unmount_request(pid_file(plan.node, plan.mountpoint))
+                        finished(await operations.finish_uploads(give_up_after))
             finally:
                 nursery.cancel_scope.cancel()
     if life.cancelled_caught:
@@ -635,17 +667,35 @@ def unmount_command(args: argparse.Namespace) -> int:
         raise MountError(f"{mountpoint} is not mounted")
     try:
         if entry is not None:
-            _fusermount_unmount(mountpoint)
+            if process is not None:
+                unmount_request(process.path).write_text(f"{args.timeout}\n")
+            try:
+                _fusermount_unmount(mountpoint)
+            except MountError:
+                if process is not None:
+                    unmount_request(process.path).unlink(missing_ok=True)
+                raise
         if process is None:
             print(
                 f"Unmounted {mountpoint}; no process was serving it any more "
                 "(writes it had not uploaded go up on the next mount of the same node directory)",
             )
             return 0
-        _wait_for_exit(process, mountpoint, args.timeout)
+        _wait_for_exit(process, mountpoint, args.timeout + EXIT_GRACE)
+        left = process.changes_left()
     finally:
         if process is not None:
             process.close()
+    if left is None:
+        raise MountError(
+            f"{mountpoint} is unmounted, but its process (pid {process.pid}) ended before its uploads were done "
+            f"(log {process.path.with_suffix('.log')}); what it had not uploaded goes up on the next mount"
+        )
+    if left:
+        raise MountError(
+            f"{mountpoint} is unmounted, but {left} change{'' if left == 1 else 's'} could not be uploaded (the "
+            "grid took nothing for a while); they stay queued in the node directory and the next mount uploads them"
+        )
     print(f"Unmounted {mountpoint}")
     return 0
 
@@ -664,6 +714,7 @@ def _fusermount_unmount(mountpoint: Path) -> None:
 
 
 def _wait_for_exit(process: ServingProcess, mountpoint: Path, timeout: float) -> None:
+    """Wait until the serving process has exited; MountError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     told = False
     started = time.monotonic()

@@ -77,6 +77,8 @@ READDIR_BATCH = 512
 PUBLISH_COALESCE = 0.05  # seconds a directory waits for more changes before it publishes
 PUBLISH_RETRY = 2.0
 DRAIN_CHECK = 1.0  # seconds between a drain's looks at whether anything moved
+DRAIN_GIVE_UP = 120.0  # seconds a drain waits while nothing moves (the grid is unreachable) before it gives up
+DRAIN_AGAIN = 10.0  # what a drain waits instead when an earlier one gave up and nothing has moved since
 NAME_MAX = 255
 BLOCK = 4096
 
@@ -139,6 +141,7 @@ class GridFilesystem:
         self._queued: set[str] = set()
         self._changed = trio.Event()
         self._done = 0  # uploads and publishes done: what a drain watches, with the grid's stored bytes
+        self._gave_up_at: tuple[int, int] | None = None  # the progress mark when a drain last gave up
         self._closed_unsynced: dict[str, LocalFile] = {}  # closed files whose content is not fsynced yet
         self._closed_wanted = trio.Event()
         root_dir = self._directory(root)
@@ -153,14 +156,19 @@ class GridFilesystem:
         for _ in range(self.options.upload_workers):
             self.nursery.start_soon(self._upload_worker)
 
-    async def drain(self, give_up_after: float = 120.0) -> bool:
+    async def drain(self, give_up_after: float = DRAIN_GIVE_UP) -> bool:
         """Wait until every change is on the grid; False once nothing has moved for `give_up_after` seconds (the
         journal keeps the rest for the next start). Moving is an upload or publish done, or share bytes stored:
-        a long upload of a big file keeps the drain going, failed attempts against a grid that is down do not."""
+        a long upload of a big file keeps the drain going, failed attempts against a grid that is down do not.
+
+        A drain that starts where an earlier one gave up, nothing having moved since, waits only DRAIN_AGAIN
+        seconds (a few upload retries) for something to move: the end of a mount, and then its grid server, each
+        drain the same root, and a grid found down once is not waited out again by each of them."""
         for inode in list(self.inodes.values()):
             if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
                 self._queue_upload(inode.local)
         mark, quiet_since = self._progress_mark(), trio.current_time()
+        patience = min(give_up_after, DRAIN_AGAIN) if mark == self._gave_up_at else give_up_after
         while self.outstanding():
             for directory in self.directories.values():
                 if directory.ready_changes():
@@ -170,12 +178,19 @@ class GridFilesystem:
                 await changed.wait()
             now, current = trio.current_time(), self._progress_mark()
             if current != mark:
-                mark, quiet_since = current, now
-            elif now - quiet_since >= give_up_after:
+                mark, quiet_since, patience = current, now, give_up_after
+            elif now - quiet_since >= patience:
+                self._gave_up_at = current
                 left = self.outstanding()
                 log.warning("unmounting with %d changes still queued; they resume on the next mount", left)
                 return False
         return True
+
+    async def finish_uploads(self, give_up_after: float | None) -> int:
+        """A drain (giving up after `give_up_after` seconds without progress, if that is less than the drain's
+        own); how many changes stay queued. The end of a mount waits on it, so that unmount can say what is left."""
+        await self.drain(DRAIN_GIVE_UP if give_up_after is None else min(give_up_after, DRAIN_GIVE_UP))
+        return self.outstanding()
 
     def _progress_mark(self) -> tuple[int, int]:
         return self._done, self.grid.stored_bytes

@@ -24,6 +24,11 @@ class PidLock:
         os.ftruncate(self.fd, 0)
         os.write(self.fd, "".join(f"{line}\n" for line in (str(os.getpid()), *extra_lines)).encode())
 
+    def add_line(self, line: str) -> None:
+        """Append a line: what the process tells whoever holds the file open, still readable there after release
+        has removed it (`blackmatch unmount` learns so how a mount's uploads ended)."""
+        os.write(self.fd, f"{line}\n".encode())
+
     def release(self) -> None:
         """Remove the file (unless another process has replaced it since) and let go of the lock."""
         with contextlib.suppress(OSError):

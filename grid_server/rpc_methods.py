@@ -114,6 +114,10 @@ def _number(value: Any) -> float:
     return float(value)
 
 
+def _optional_number(value: Any) -> float | None:
+    return None if value is None else _number(value)
+
+
 def _settings(value: Any) -> dict[str, Any]:
     return _record(value, {"cache_timeout": _number, "cache_size": _int}, set())
 
@@ -222,6 +226,7 @@ _METHODS = [
     _method("setxattr", ("inode", _int), ("name", _str), ("value", _bytes), ("flags", _int), attachment="value"),
     _method("listxattr", ("inode", _int)),
     _method("removexattr", ("inode", _int), ("name", _str)),
+    _method("finish_uploads", ("give_up_after", _optional_number)),
 ]
 METHODS: dict[str, Method] = {method.name: method for method in _METHODS}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from grid_server.filesystem import DRAIN_CHECK, open_filesystem
+from grid_server.filesystem import DRAIN_AGAIN, DRAIN_CHECK, open_filesystem
 from grid_server.operations import ROOT_INODE
 from lafs_core.grid.nodedir import NodeDirectory
 
@@ -41,6 +41,9 @@ def test_a_drain_outlasts_a_long_upload_but_not_a_grid_that_is_down(cluster: Sto
                     assert not await fs.drain(give_up_after=QUIET)
                 assert trio.current_time() - start >= QUIET
                 assert fs.outstanding() > 0
+                start = trio.current_time()  # the next drain (the grid server's, after the mount's) starts here
+                assert not await fs.drain()
+                assert trio.current_time() - start < DRAIN_AGAIN + 3 * DRAIN_CHECK  # not DRAIN_GIVE_UP again
             finally:
                 for index in range(len(cluster.processes)):
                     cluster.restart(index)

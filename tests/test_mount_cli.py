@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -227,6 +228,40 @@ def test_a_non_empty_mountpoint_is_refused_unless_asked(tmp_path):
         (mountpoint / "grid.txt").write_text("on the grid")
     assert os.listdir(mountpoint) == ["local.txt"]
     assert (mountpoint / "local.txt").read_text() == "mine"
+
+
+@requires_fuse
+def test_an_unmount_that_leaves_changes_queued_says_so_and_the_next_mount_uploads_them(cluster, tmp_path):
+    """With every storage server down, the uploads never move: unmount gives up after its --timeout, fails
+    saying how many changes stay queued, and leaves nothing running; the next mount of the mountpoint works and,
+    the grid back, uploads them."""
+    node = cluster.create_node(tmp_path / "node", 3, 5, 10)
+    mountpoint, data = tmp_path / "mnt", os.urandom(100_000)
+    with Mount(node, mountpoint) as mount:
+        (mountpoint / "late.bin").write_bytes(data)
+        for index in range(len(cluster.processes)):
+            cluster.stop(index)
+        try:
+            started = time.monotonic()
+            result = blackmatch("unmount", str(mountpoint), "-d", str(node), "--timeout", "3", timeout=120)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            line = result.stderr.strip().splitlines()[-1]  # after the "Waiting for pid ..." it says while it waits
+            assert line.startswith("blackmatch: error: ")
+            assert re.search(r"unmounted, but \d+ changes? could not be uploaded", line), line
+            assert "the next mount uploads them" in line
+            assert time.monotonic() - started < 60
+            mount.killed = True  # unmounted here, not by the Mount
+            assert mount.pid is not None and not process_alive(mount.pid)
+            status = blackmatch("status", "-d", str(node))
+            assert "Mounts: none" in status.stdout, status.stdout
+        finally:
+            for index in range(len(cluster.processes)):
+                cluster.restart(index)
+    with Mount(node, mountpoint):
+        assert (mountpoint / "late.bin").read_bytes() == data
+    fetched = blackmatch("get", "-d", str(node), "tahoe:late.bin", str(tmp_path / "fetched.bin"))
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "fetched.bin").read_bytes() == data  # from the grid itself
 
 
 @requires_fuse
