@@ -5,8 +5,9 @@ No filesystem logic lives here. The shim only converts between pyfuse3's types a
 - names (and symlink targets, xattr names) arrive as bytes and are decoded as strict UTF-8; an undecodable
   one is refused with EINVAL without calling the operations object;
 - `Attributes` become `pyfuse3.EntryAttributes`, with the attribute and entry timeouts the server chose;
-- `FsError(errno, message)` becomes `FUSEError(errno)`; any other exception is logged (operation and
-  traceback, never file data) and answered with EIO, so a bug can fail one request but never the mount;
+- `FsError(errno, message)` becomes `FUSEError(errno)`, and an EIO's message (why the grid failed it) goes to the
+  log; any other exception is logged (operation and traceback, never file data) and answered with EIO, so a bug
+  can fail one request but never the mount;
 - readdir keeps the lookup counts of server and kernel equal (see `readdir`);
 - a getxattr of a name outside the user namespace is answered ENODATA without a call: the interface defines
   that no such attribute exists (operations.py, XATTR_NAMESPACE).
@@ -51,8 +52,8 @@ def _replies(handler: Callable[..., Awaitable[_R]]) -> Callable[..., Awaitable[_
             return await handler(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except FsError as exc:
-            log.debug("%s: %s", operation, exc)
+        except FsError as exc:  # EIO is the grid failing (the other errors are the caller's): the log says why
+            log.log(logging.WARNING if exc.errno == errno.EIO else logging.DEBUG, "%s: %s", operation, exc)
             raise pyfuse3.FUSEError(exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else errno.EIO) from None
         except Exception:
             log.exception("%s failed unexpectedly; replying EIO", operation)
