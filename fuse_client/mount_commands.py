@@ -59,6 +59,7 @@ from .grid_commands import create_node
 from .grid_server_process import ensure_grid_server, start_grid_server_apart
 from .node_options import DEFAULT_NODE_DIRECTORY, add_node_directory_option, existing_node
 from .rpc_client import ServerUnavailable, open_rpc_operations
+from .server_probe import probe_servers
 from .shim import FuseShim
 
 log = logging.getLogger("blackmatch.mount")
@@ -446,6 +447,30 @@ def make_mountpoint(mountpoint: Path) -> bool:
     return True
 
 
+def check_servers(node: NodeDirectory) -> None:
+    """Fail when no storage server of `node` answers (the mount could only give EIO); warn when some do not, or
+    when fewer answer than an upload needs (shares.happy: writes would wait in the queue)."""
+    probe = probe_servers(node)
+    if probe.answering == 0:
+        if not probe.silent:
+            raise MountError(f"{node.path} configures no storage servers blackmatch can use")
+        failures = "; ".join(f"{server.name}: {server.reason}" for server in probe.silent)
+        raise MountError(f"no storage server answers, so nothing could be read or written: {failures}")
+    if probe.silent:
+        names = ", ".join(server.name for server in probe.silent)
+        _warn(f"{len(probe.silent)} of {probe.answering + len(probe.silent)} storage servers do not answer: {names}")
+    happy = node.encoding().happy
+    if probe.answering < happy:
+        _warn(
+            f"only {probe.answering} storage servers answer, and an upload needs {happy} (shares.happy): "
+            "writes wait in the upload queue until enough answer"
+        )
+
+
+def _warn(text: str) -> None:
+    print(f"blackmatch: warning: {text}", file=sys.stderr)
+
+
 def check_root_cap(text: str) -> DirectoryCap:
     cap = parse_known_cap(text.strip())
     if not isinstance(cap, DirectoryCap):
@@ -521,6 +546,7 @@ def mount_command(args: argparse.Namespace) -> int:
     node = node_for_mount(args)
     root_cap, what = root_of(node, args)
     read_only = check_root_cap(root_cap).is_readonly
+    check_servers(node)
     settings = FilesystemSettings(cache_timeout=args.cache_timeout, cache_size=args.cache_size)
     transport = choose_transport(split=not args.no_split)
     options = fuse_options(args.fuse_options, read_only)
@@ -565,7 +591,7 @@ def serve_in_background(plan: MountPlan) -> int:
 
     outcome = start_daemon(log_file(plan.node, plan.mountpoint), run, READY_TIMEOUT)
     for warning in outcome.warnings:
-        print(f"blackmatch: warning: {warning}", file=sys.stderr)
+        _warn(warning)
     if outcome.word == "server-gone":
         return SERVER_GONE
     if outcome.word == "ready" and find_mount(plan.mountpoint) is not None:

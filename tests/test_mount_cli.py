@@ -6,6 +6,7 @@ The mount tests run the real command line (it daemonizes) over a fresh node dire
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from fuse_client.mount_commands import (
     parse_size,
     process_alive,
 )
+from lafs_core.grid.nodedir import NodeDirectory
 
 from .mounting import (
     ROOT,
@@ -262,6 +264,58 @@ def test_an_unmount_that_leaves_changes_queued_says_so_and_the_next_mount_upload
     fetched = blackmatch("get", "-d", str(node), "tahoe:late.bin", str(tmp_path / "fetched.bin"))
     assert fetched.returncode == 0, fetched.stderr
     assert (tmp_path / "fetched.bin").read_bytes() == data  # from the grid itself
+
+
+@requires_fuse
+def test_servers_that_do_not_answer_are_said_at_mount_and_failed_calls_logged(cluster, tmp_path):
+    """No server answering fails the mount at once, naming each (never its NURL: the swissnum is a secret); some
+    not answering, or fewer than shares.happy, is a warning; a listing the grid cannot give is EIO, and the log
+    says why."""
+    node = cluster.create_node(tmp_path / "node", 3, 5, 10)
+    assert blackmatch("mkdir", "-d", str(node), "tahoe:sub").returncode == 0
+    secrets = [nurl for path in cluster.servers_files for nurl in re.findall(r"pb://\S+", path.read_text())]
+    secrets += [NodeDirectory(node).aliases()["tahoe"]]
+    mountpoint = tmp_path / "mnt"
+    down = range(len(cluster.processes))
+    try:
+        for index in down:
+            cluster.stop(index)
+        result = blackmatch("mount", str(mountpoint), "-d", str(node), *mode_args(), timeout=120)
+        try:
+            line = one_line_error(result)
+            assert "no storage server answers" in line
+            for index, servers_file in enumerate(cluster.servers_files):
+                port = re.search(r"127\.0\.0\.1:(\d+)", servers_file.read_text())
+                assert port is not None and f"storage-{index} (127.0.0.1:{port.group(1)})" in line, line
+            assert not any(secret in result.stderr for secret in secrets)
+            assert find_mount(canonical_mountpoint(mountpoint)) is None and not mountpoint.exists()
+        finally:  # before the fix, it was mounted
+            Mount(node, mountpoint).cleanup()
+
+        down = range(3, len(cluster.processes))
+        for index in range(3):
+            cluster.restart(index)
+        with Mount(node, mountpoint) as mount:
+            stderr = mount.mount_result.stderr
+            assert "warning: 2 of 5 storage servers do not answer: storage-3 (127.0.0.1:" in stderr, stderr
+            assert "storage-4 (127.0.0.1:" in stderr
+            assert "only 3 storage servers answer, and an upload needs 5 (shares.happy)" in stderr, stderr
+            assert not any(secret in stderr for secret in secrets)
+            down = range(len(cluster.processes))
+            for index in range(3):
+                cluster.stop(index)
+            with pytest.raises(OSError) as failure:
+                os.listdir(mountpoint / "sub")
+            assert failure.value.errno == errno.EIO
+            log = mount.log_file.read_text()
+            assert re.search(r"WARNING blackmatch.fuse: \w+: \[EIO\] cannot read directory: \w", log), log
+            assert not any(secret in mount.log() for secret in secrets)
+            for index in down:
+                cluster.restart(index)
+            down = range(0)
+    finally:
+        for index in down:
+            cluster.restart(index)
 
 
 @requires_fuse
