@@ -29,6 +29,7 @@ grid_server_process.py), and unmounting waits until that server has put this mou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import logging
@@ -672,7 +673,10 @@ async def _serve(plan: MountPlan, ready: Callable[[], None], finished: Callable[
                             log.info("unmounted %s; finishing uploads", plan.mountpoint)
                             await shim.release_leftovers()
                         give_up_after = take_unmount_request(pid_file(plan.node, plan.mountpoint))
-                        finished(await operations.finish_uploads(give_up_after))
+                        try:
+                            finished(await operations.finish_uploads(give_up_after))
+                        except FsError as exc:  # no grid server could be started: unmount says nothing is known
+                            log.warning("cannot finish the uploads (%s); they stay queued for the next mount", exc)
             finally:
                 nursery.cancel_scope.cancel()
     if life.cancelled_caught:

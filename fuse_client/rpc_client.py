@@ -243,8 +243,8 @@ async def open_rpc_operations(
 ) -> AsyncIterator[RpcOperations]:
     """Attach to the server as a mount of `root_cap` (`on_settings` gets the settings in effect). If the server
     goes away meanwhile, `start_server` starts one again and the mount attaches to it (without it, the calls fail
-    with ENOTCONN from then on). On exit, wait until the root's changes are on the grid (the server's drain),
-    then close: that closing is what tells the server this mount is gone."""
+    with ENOTCONN from then on). On exit the connection closes: that is what tells the server this mount is gone
+    (the mount waits for its uploads before, with `finish_uploads`)."""
     async with trio.open_nursery() as nursery:
 
         async def attach() -> tuple[RpcConnection, dict[str, Any]]:
@@ -267,9 +267,4 @@ async def open_rpc_operations(
         if start_server is not None:
             nursery.start_soon(keep_attached, operations, attach_again)
         yield operations
-        connection = await operations.current_connection()
-        if connection.lost.is_set():
-            log.warning("no grid server to upload this mount's changes; they stay queued for the next mount")
-        elif not await connection.call("drain"):
-            log.warning("the grid server could not upload everything; the rest stays queued in its journal")
         nursery.cancel_scope.cancel()

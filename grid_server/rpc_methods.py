@@ -9,12 +9,10 @@ objects of their fields; `create` answers `[fh, attributes]`.
 The server checks every parameter strictly before calling anything: a wrong type, a missing or unknown name, or
 a number out of range is a BadParams error, which the server answers with EINVAL and goes on.
 
-Besides the filesystem operations (grid_server/operations.py), three methods belong to the connection itself:
+Besides the filesystem operations (grid_server/operations.py), two methods belong to the connection itself:
 
     attach(root_cap, settings) -> settings in effect   makes the connection a mount of that root: the server stays
                                                         while any attached connection lives (the keepalive)
-    drain() -> bool                                     returns when the attached root's changes are on the grid
-                                                        (false: the server gave up, they stay queued on its disk)
     status() -> {...}                                   what the server holds: mounts, roots, queued changes
 """
 
@@ -186,7 +184,6 @@ def _method(name: str, *params: tuple[str, Decoder], **options: Any) -> Method:
 
 _METHODS = [
     _method("attach", ("root_cap", _str), ("settings", _settings), connection=True),
-    _method("drain", connection=True),
     _method("status", connection=True),
     _method("lookup", ("parent", _int), ("name", _str), result=_attributes),
     _method("forget", ("counts", _counts)),

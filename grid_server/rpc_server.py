@@ -360,11 +360,6 @@ class Connection:
         log.info("a mount attached (%d now)", self.server.mounts)
         return {"cache_timeout": options.cache_timeout, "cache_size": options.cache_size}
 
-    async def _drain(self) -> bool:
-        if self.root is None:
-            raise FsError(errno.ENOTCONN, "not a mount")
-        return await self.root.filesystem.drain()
-
     async def _status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
