@@ -13,7 +13,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grid_server.read_cache import HEADER_SIZE, SLOT_SIZE, CacheInUseError, ReadCache
+from grid_server.read_cache import CacheInUseError, ReadCache
+from grid_server.read_cache_format import HEADER_SIZE, SLOT_SIZE
 from lafs_core import base32
 from lafs_core.caps import ChkCap, LiteralCap
 from lafs_core.errors import NotEnoughSharesError
@@ -619,12 +620,12 @@ def test_refetching_a_segment_does_not_blame_good_shares(tmp_path):
 
 def test_write_errors_fall_back_to_memory(file10, tmp_path, monkeypatch):
     grid, cap, data = file10
-    import grid_server.read_cache as module
+    import grid_server.read_cache_fetcher as module
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(module, "_write_segment", full)
+    monkeypatch.setattr(module, "write_segment", full)
 
     async def main():
         async with ReadCache(tmp_path / "cache", grid, BIG) as cache:
