@@ -187,7 +187,11 @@ class CacheIndex:
 
     @contextmanager
     def busy(self, entry: Entry, segnum: int) -> Iterator[None]:
-        """The segment's bytes on disk are being read or written: it is not punched meanwhile."""
+        """The segment's bytes on disk are being read or written: it is not punched meanwhile.
+
+        Only a held entry's segments are busy (a whole file that is not held may go at any time).
+        """
+        assert entry.users > 0, "busy segments belong to held entries"
         entry.busy[segnum] += 1
         try:
             yield
@@ -197,8 +201,9 @@ class CacheIndex:
                 del entry.busy[segnum]
 
     def reserve(self, entry: Entry, size: int) -> Reservation | None:
-        """Room for a segment of `size` bytes, evicting for it; None if it cannot get room."""
-        if entry.dropped or size == 0 or not self.make_room(size):
+        """Room for a segment of `size` bytes of a held entry, evicting for it; None if it cannot get room."""
+        assert entry.users > 0, "room is reserved for held entries"
+        if entry.dropped or size == 0 or not self.make_room(size) or entry.dropped:
             return None
         return Reservation(self, entry, size)
 
