@@ -635,3 +635,28 @@ def test_write_errors_fall_back_to_memory(file10, tmp_path, monkeypatch):
             assert cache.cached_segments(cap) == []
 
     trio.run(main)
+
+
+def test_accounting_adds_up_through_concurrent_reads_eviction_and_drops(tmp_path):
+    grid = make_grid(tmp_path / "grid")
+    files = [random.Random(20 + i).randbytes((3 + 2 * i) * SEG + i) for i in range(3)]
+    caps = [upload(grid, data) for data in files]
+
+    async def main():
+        async with ReadCache(tmp_path / "cache", grid, 4 * SEG, readahead_bytes=2 * SEG) as cache:
+
+            async def stream(cap, data):
+                assert await read_all(cache, cap, chunk=20_000) == data
+                cache.check()
+
+            async with trio.open_nursery() as nursery:
+                for cap, data in zip(caps, files, strict=True):
+                    nursery.start_soon(stream, cap, data)
+            cache.check()
+            cache.drop(caps[0])
+            cache.check()
+            await cache.wait_idle()
+            cache.check()
+            assert cache.cached_bytes() <= 4 * SEG
+
+    trio.run(main)
