@@ -95,7 +95,6 @@ class ReadCache:
         if fetch_concurrency < 1 or max_open_files < 1:
             raise ValueError("fetch_concurrency and max_open_files must be at least 1")
         self.directory = Path(directory)
-        self.grid = grid
         self.fetch_concurrency = fetch_concurrency
         self._index = CacheIndex(max_bytes, remove=self._remove_files, punch=self._punch, on_idle=self._on_idle)
         self._open: OpenFiles[Entry] = OpenFiles(max_open_files)  # recently read: may hold fds and a grid reader
