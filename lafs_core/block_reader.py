@@ -9,9 +9,10 @@ detecting truncated shares (a span needed again after it already came back short
 Shares are named by keys: the share number for CHK files, (server, number) for mutable ones.
 """
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Hashable, Iterable
-from typing import Any
+from typing import Generic, TypeVar
 
 from .errors import BadShareError, FormatError, NotEnoughSharesError
 from .fetch import ByteCache, FetchBatch, FetchResults, Span
@@ -48,7 +49,11 @@ class ShareState:
             raise BadShareError(self.key, f"block {segnum} fails its hash check: {exc}") from None
 
 
-class BlockReader(ABC):
+PlanT = TypeVar("PlanT")
+"""Per-segment state a concrete reader keeps between its hooks."""
+
+
+class BlockReader(ABC, Generic[PlanT]):
     """Verified reading of segments from whichever shares are offered (any k with distinct numbers)."""
 
     def __init__(self, needed: int) -> None:
@@ -78,18 +83,18 @@ class BlockReader(ABC):
     def _setup_needs(self, share: ShareState) -> list[Span]:
         """Spans still needed to make the share ready (`share.block_tree` set); raise FormatError if bad."""
 
-    def _plan(self, segnum: int, chosen: list[ShareState]) -> Any:
+    @abstractmethod
+    def _plan(self, segnum: int, chosen: list[ShareState]) -> PlanT:
         """Per-segment state shared by the hooks below (the CHK reader keeps its crypttext-tree source here)."""
-        return None
 
     @abstractmethod
-    def _segment_needs(self, share: ShareState, segnum: int, plan: Any) -> list[Span]: ...
+    def _segment_needs(self, share: ShareState, segnum: int, plan: PlanT) -> list[Span]: ...
 
     @abstractmethod
-    def _checked_block(self, share: ShareState, segnum: int, plan: Any) -> bytes: ...
+    def _checked_block(self, share: ShareState, segnum: int, plan: PlanT) -> bytes: ...
 
     @abstractmethod
-    def _decode(self, segnum: int, blocks: dict[int, bytes], plan: Any) -> bytes:
+    def _decode(self, segnum: int, blocks: dict[int, bytes], plan: PlanT) -> bytes:
         """Plaintext of the segment from k checked blocks; raise BadShareError to blame a share."""
 
     # --- share bookkeeping -------------------------------------------------------------------------------
@@ -195,7 +200,7 @@ class BlockReader(ABC):
             if not (yield from self._setup(chosen)):
                 continue
             plan = self._plan(segnum, chosen)
-            batch = self._collect(chosen, lambda share, p=plan: self._segment_needs(share, segnum, p))
+            batch = self._collect(chosen, functools.partial(self._segment_needs, segnum=segnum, plan=plan))
             if batch is None:
                 continue
             if batch.requests:

@@ -11,8 +11,9 @@ Caps found inside directories may carry `ro.` (alleged read-only) or `imm.` (all
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from . import base32
 from .errors import CapError
@@ -60,7 +61,11 @@ class Cap:
         whole."""
         return f"{self.prefix}..." if self.prefix else "a cap of an unknown kind"
 
-    # Every cap also has `storage_index`: the 16 bytes naming its shares on servers, or None (LIT, unknown).
+    if TYPE_CHECKING:  # declared for the checker only: a dataclass field of a subclass must not inherit it
+
+        @property
+        def storage_index(self) -> bytes | None:
+            """The 16 bytes naming the cap's shares on servers, or None (LIT, unknown)."""
 
 
 @dataclass(frozen=True)
@@ -236,8 +241,8 @@ class MdmfVerifierCap(MutableVerifierCap):
     kind: ClassVar[str] = "MDMF"
 
 
-_READ_OF: dict[type, type[MutableReadCap]] = {SskWriteCap: SskReadCap, MdmfWriteCap: MdmfReadCap}
-_VERIFY_OF: dict[type, type[MutableVerifierCap]] = {
+_READ_OF: dict[type[Cap], type[MutableReadCap]] = {SskWriteCap: SskReadCap, MdmfWriteCap: MdmfReadCap}
+_VERIFY_OF: dict[type[Cap], type[MutableVerifierCap]] = {
     SskWriteCap: SskVerifierCap,
     SskReadCap: SskVerifierCap,
     MdmfWriteCap: MdmfVerifierCap,
@@ -280,7 +285,7 @@ class DirectoryCap(Cap):
         return None if inner is None else DirectoryCap(inner)
 
 
-_DIR_PREFIX_OF: dict[type, str] = {
+_DIR_PREFIX_OF: dict[type[Cap], str] = {
     SskWriteCap: "URI:DIR2:",
     SskReadCap: "URI:DIR2-RO:",
     SskVerifierCap: "URI:DIR2-Verifier:",
@@ -319,27 +324,34 @@ def _malformed(prefix: str, why: str = "is truncated or malformed") -> CapError:
     return CapError(f"not a valid cap: {prefix}... {why}")
 
 
-def _parse_chk(body: str, cls: type, prefix: str) -> Cap:
-    m = re.fullmatch(f"{_B128}:{_B256}:{_NUM}:{_NUM}:{_NUM}", body)
-    if not m:
-        raise _malformed(prefix)
-    needed, total, size = int(m[3]), int(m[4]), int(m[5])
-    if not 1 <= needed <= total <= 256:
-        raise _malformed(prefix, f"has impossible k={needed} N={total}")
-    return cls(_b32(m[1], prefix), _b32(m[2], prefix), needed, total, size)
+CapParser = Callable[[str, str], Cap]
+"""parse(body, prefix) -> the cap whose string is prefix + body; CapError if the body is malformed."""
 
 
-def _parse_lit(body: str, cls: type, prefix: str) -> Cap:
+def _chk_parser(cls: type[ChkCap | ChkVerifierCap]) -> CapParser:
+    def parse(body: str, prefix: str) -> Cap:
+        m = re.fullmatch(f"{_B128}:{_B256}:{_NUM}:{_NUM}:{_NUM}", body)
+        if not m:
+            raise _malformed(prefix)
+        needed, total, size = int(m[3]), int(m[4]), int(m[5])
+        if not 1 <= needed <= total <= 256:
+            raise _malformed(prefix, f"has impossible k={needed} N={total}")
+        return cls(_b32(m[1], prefix), _b32(m[2], prefix), needed, total, size)
+
+    return parse
+
+
+def _parse_lit(body: str, prefix: str) -> Cap:
     try:
-        return cls(base32.decode(body))
+        return LiteralCap(base32.decode(body))
     except ValueError:
         raise _malformed(prefix, "is malformed (bad base32)") from None
 
 
-def _mutable_parser(allow_extension: bool):
+def _mutable_parser(cls: type[_MutableCap], allow_extension: bool) -> CapParser:
     tail = "(?::.*)?" if allow_extension else ""
 
-    def parse(body: str, cls: type, prefix: str) -> Cap:
+    def parse(body: str, prefix: str) -> Cap:
         m = re.fullmatch(f"{_B128}:{_B256}{tail}", body, re.DOTALL)
         if not m:
             raise _malformed(prefix)
@@ -348,20 +360,20 @@ def _mutable_parser(allow_extension: bool):
     return parse
 
 
-_FILE_PARSERS = {
-    ChkCap: _parse_chk,
-    ChkVerifierCap: _parse_chk,
+_FILE_PARSERS: dict[type[Cap], CapParser] = {
+    ChkCap: _chk_parser(ChkCap),
+    ChkVerifierCap: _chk_parser(ChkVerifierCap),
     LiteralCap: _parse_lit,
-    SskWriteCap: _mutable_parser(False),
-    SskReadCap: _mutable_parser(False),
-    SskVerifierCap: _mutable_parser(False),
-    MdmfWriteCap: _mutable_parser(True),
-    MdmfReadCap: _mutable_parser(True),
-    MdmfVerifierCap: _mutable_parser(True),
+    SskWriteCap: _mutable_parser(SskWriteCap, False),
+    SskReadCap: _mutable_parser(SskReadCap, False),
+    SskVerifierCap: _mutable_parser(SskVerifierCap, False),
+    MdmfWriteCap: _mutable_parser(MdmfWriteCap, True),
+    MdmfReadCap: _mutable_parser(MdmfReadCap, True),
+    MdmfVerifierCap: _mutable_parser(MdmfVerifierCap, True),
 }
 
 # Longest prefixes first, so "URI:DIR2-MDMF-RO:" is tried before "URI:DIR2-MDMF:" and "URI:DIR2:".
-_PREFIXES: list[tuple[str, type, bool]] = sorted(
+_PREFIXES: list[tuple[str, type[Cap], bool]] = sorted(
     [(cls.prefix, cls, False) for cls in _FILE_PARSERS]
     + [(prefix, cls, True) for cls, prefix in _DIR_PREFIX_OF.items()],
     key=lambda item: -len(item[0]),
@@ -387,7 +399,7 @@ def parse_cap(text: str | bytes, *, allow_prefixes: bool = False) -> Cap:
     for prefix, cls, is_dir in _PREFIXES:
         if text.startswith(prefix):
             body = text[len(prefix) :]
-            inner = _FILE_PARSERS[cls](body, cls, prefix)
+            inner = _FILE_PARSERS[cls](body, prefix)
             cap: Cap = DirectoryCap(inner) if is_dir else inner
             break
     else:

@@ -25,7 +25,7 @@ class AesCtr:
         if skip:
             self._ctx.update(bytes(skip))
 
-    def update(self, data: bytes) -> bytes:
+    def update(self, data: bytes | memoryview) -> bytes:
         return self._ctx.update(data)
 
 

@@ -101,7 +101,8 @@ def drive(steps: Generator[FetchBatch, FetchResults, T], readers: Mapping[Hashab
                     results[key] = exc
             batch = steps.send(results)
     except StopIteration as done:
-        return done.value
+        value: T = done.value  # what the generator returned
+        return value
 
 
 def bytes_reader(data: bytes) -> ShareReadFn:

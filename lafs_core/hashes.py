@@ -28,7 +28,7 @@ class TaggedHasher:
         self._inner = hashlib.sha256(netstring(tag))
         self._truncate = truncate
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | bytearray | memoryview) -> None:
         self._inner.update(data)
 
     def digest(self) -> bytes:
@@ -44,7 +44,7 @@ class _Tag:
         self._prefix = hashlib.sha256(netstring(tag))
         self._truncate = truncate
 
-    def __call__(self, *values: bytes) -> bytes:
+    def __call__(self, *values: bytes | memoryview) -> bytes:
         h = self._prefix.copy()
         for value in values:
             h.update(value)
@@ -78,7 +78,7 @@ def storage_index_hash(key: bytes) -> bytes:
     return _storage_index(key)
 
 
-def block_hash(block: bytes) -> bytes:
+def block_hash(block: bytes | memoryview) -> bytes:
     """Leaf of a block hash tree (CHK, SDMF); MDMF passes salt and block together."""
     return _block(block)
 

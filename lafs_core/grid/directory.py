@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from ..caps import Cap, ChkCap, DirectoryCap, LiteralCap, MutableReadCap, MutableWriteCap, UnknownCap, parse_cap
-from ..dirnode import DirEntry, child_entry, normalize, pack_directory, unpack_directory, update_metadata
+from ..dirnode import DirEntry, Metadata, child_entry, normalize, pack_directory, unpack_directory, update_metadata
 from ..errors import LafsError
 from ..mutable.keys import WriterKeys
 from ..mutable.publish import UncoordinatedWriteError
@@ -72,8 +72,8 @@ async def read_directory(grid: Grid, cap: DirectoryCap) -> Children:
     if isinstance(inner, MutableWriteCap):
         data, _map, _version = await retrieve(grid, inner)
         return unpack_directory(data, inner.writekey)
-    if cap.is_mutable:
-        data, _map, _version = await retrieve(grid, inner)  # type: ignore[arg-type]
+    if isinstance(inner, MutableReadCap):
+        data, _map, _version = await retrieve(grid, inner)
         return unpack_directory(data, None)
     raise NotADirectoryCapError("a verify cap cannot list a directory")
 
@@ -103,7 +103,9 @@ async def modify_directory(grid: Grid, cap: DirectoryCap, modify: Callable[[Chil
     raise UncoordinatedWriteError(f"gave up after {MODIFY_ATTEMPTS} concurrent changes to the same directory")
 
 
-def linker(name: str, cap: Cap, *, replace_files: bool, metadata: dict | None = None) -> Callable[[Children], Children]:
+def linker(
+    name: str, cap: Cap, *, replace_files: bool, metadata: Metadata | None = None
+) -> Callable[[Children], Children]:
     """A `modify_directory` change that links `cap` as `name`, keeping link times as Tahoe does; it never
     replaces a directory, nor a file unless `replace_files`."""
 

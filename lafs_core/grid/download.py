@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Hashable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -40,7 +40,9 @@ async def drive_async(steps: Generator[FetchBatch, FetchResults, T], fetch: Fetc
         while True:
             results: dict[Hashable, list[bytes] | BaseException] = {}
 
-            async def one(key: Hashable, spans: list[Span], results=results) -> None:
+            async def one(
+                key: Hashable, spans: list[Span], results: dict[Hashable, list[bytes] | BaseException] = results
+            ) -> None:
                 try:
                     results[key] = await fetch(key, spans)
                 except StorageServerError as exc:
@@ -51,7 +53,8 @@ async def drive_async(steps: Generator[FetchBatch, FetchResults, T], fetch: Fetc
                     nursery.start_soon(one, key, spans)
             batch = steps.send(results)
     except StopIteration as done:
-        return done.value
+        value: T = done.value  # what the generator returned
+        return value
 
 
 async def read_spans(read: Callable[[int, int], Awaitable[bytes]], spans: list[Span]) -> list[bytes]:
@@ -68,7 +71,11 @@ async def read_spans(read: Callable[[int, int], Awaitable[bytes]], spans: list[S
 
 
 async def advise_corrupt(
-    reader: BlockReader, servers: dict[str, StorageServer], storage_index: bytes, mutable: bool, already: set[Hashable]
+    reader: BlockReader[Any],
+    servers: dict[str, StorageServer],
+    storage_index: bytes,
+    mutable: bool,
+    already: set[Hashable],
 ) -> None:
     """Tell each server about its shares that failed verification (once per share)."""
     for key, reason in list(reader.corrupt_shares.items()):

@@ -100,7 +100,7 @@ class _StaleConnection(Exception):
 class _Connection:
     """One TLS connection with its HTTP state; belongs to the trio run it was opened in."""
 
-    def __init__(self, stream: trio.SSLStream, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], token: trio.lowlevel.TrioToken) -> None:
         self.stream = stream
         self.token = token
         self.http = h11.Connection(h11.CLIENT)
@@ -256,11 +256,18 @@ class _Pool:
             conn.http.start_next_cycle()
         return response, reusable
 
-    async def _send_request(self, conn: _Connection, state: _ExchangeState, head: h11.Request, body: Any) -> None:
+    async def _send_request(
+        self, conn: _Connection, state: _ExchangeState, head: h11.Request, body: bytes | memoryview
+    ) -> None:
         """Send head and body; a failure is only noted, since the answer (read meanwhile) may explain it."""
         view = memoryview(body).cast("B")
-        pieces = [h11.Data(data=view[start : start + _SEND_PIECE]) for start in range(0, len(view), _SEND_PIECE)]
-        batches = [[head, *pieces[:1]], *([piece] for piece in pieces[1:]), [h11.EndOfMessage()]]
+        # h11 takes any bytes-like object as Data (its documentation says so; its annotation says bytes): views
+        # spare copying the share data.
+        pieces: list[h11.Event] = [
+            h11.Data(data=view[start : start + _SEND_PIECE])  # type: ignore[arg-type]
+            for start in range(0, len(view), _SEND_PIECE)
+        ]
+        batches: list[list[h11.Event]] = [[head, *pieces[:1]], *([piece] for piece in pieces[1:]), [h11.EndOfMessage()]]
         try:
             for batch in batches:
                 for data in coalesce(conn.http, batch):
@@ -277,7 +284,8 @@ class _Pool:
                 event = conn.http.next_event()
                 if event is not h11.NEED_DATA:
                     return event
-                conn.http.receive_data(await state.receive(conn.stream))
+                # h11 appends what it receives to a bytearray: any bytes-like will do (its annotation says bytes)
+                conn.http.receive_data(await state.receive(conn.stream))  # type: ignore[arg-type]
 
         event = await next_event()
         while isinstance(event, h11.InformationalResponse):
@@ -293,7 +301,8 @@ class _Pool:
         declared = int(headers.get(b"content-length", [b"0"])[0])
         if success and declared > limit:
             raise StorageServerError(f"{self.name}: answer of {declared} bytes, expected at most {limit}")
-        parts, total = [], 0
+        parts: list[bytes] = []
+        total = 0
         while not isinstance(event := await next_event(), h11.EndOfMessage):
             if not isinstance(event, h11.Data):
                 raise trio.BrokenResourceError("connection closed in the middle of an answer")
@@ -341,7 +350,7 @@ class _ExchangeState:
         self.sending = False
         self.answer_scope.deadline = trio.current_time() + self.timeout
 
-    async def receive(self, stream: trio.SSLStream) -> bytes:
+    async def receive(self, stream: trio.SSLStream[trio.SocketStream]) -> bytes | bytearray:
         data = await stream.receive_some(_RECEIVE_SIZE)
         if not self.sending:
             now = trio.current_time()
@@ -538,7 +547,7 @@ class GbsStorageServer(StorageServer):
             raise self._malformed("allocate", exc) from None
 
     async def write_share_chunk(
-        self, storage_index: bytes, shnum: int, upload_secret: bytes, offset: int, data: bytes
+        self, storage_index: bytes, shnum: int, upload_secret: bytes, offset: int, data: bytes | memoryview
     ) -> bool:
         si = _check_storage_index(storage_index)
         length = memoryview(data).nbytes

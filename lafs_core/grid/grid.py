@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -35,6 +36,7 @@ from .selection import permuted
 from .server_api import LeaseSecrets, ServerUnavailableError, StorageServer, StorageServerError
 
 log = logging.getLogger("blackmatch.grid")
+T = TypeVar("T")
 
 KNOWN_WRITERS = 1024
 """Mutable files and directories whose loaded keys a Grid keeps (a few KiB each), most recently used."""
@@ -132,15 +134,15 @@ def summarize_failures(failures: list[str], shown: int = 3) -> str:
 
 
 async def gather_per_server(
-    servers: Iterable[StorageServer], call: Callable[[StorageServer], object], timeout: float | None = None
-) -> dict[str, object]:
+    servers: Iterable[StorageServer], call: Callable[[StorageServer], Awaitable[T]], timeout: float | None = None
+) -> dict[str, T | StorageServerError]:
     """Run `await call(server)` for every server at once; map server id -> result or the exception raised."""
-    results: dict[str, object] = {}
+    results: dict[str, T | StorageServerError] = {}
 
     async def one(server: StorageServer) -> None:
         try:
             with trio.fail_after(timeout) if timeout else contextlib.nullcontext():
-                results[server.server_id] = await call(server)  # type: ignore[misc]
+                results[server.server_id] = await call(server)
         except trio.TooSlowError:
             results[server.server_id] = ServerUnavailableError(f"{server.nickname}: no answer in {timeout} s")
         except StorageServerError as exc:

@@ -80,29 +80,38 @@ class LocalStorageServer(StorageServer):
         space = await self._call(lambda s: s.available_space())
         return ServerVersion(space, MAX_MUTABLE_SHARE_SIZE, space, APPLICATION_VERSION)
 
-    async def allocate_buckets(self, storage_index, lease, upload_secret, share_numbers, allocated_size):
+    async def allocate_buckets(
+        self,
+        storage_index: bytes,
+        lease: LeaseSecrets,
+        upload_secret: bytes,
+        share_numbers: set[int],
+        allocated_size: int,
+    ) -> AllocationResult:
         result = await self._call(
             lambda s: s.allocate(storage_index, lease.renew, lease.cancel, upload_secret, share_numbers, allocated_size)
         )
         return AllocationResult(result.already_have, result.allocated)
 
-    async def write_share_chunk(self, storage_index, shnum, upload_secret, offset, data) -> bool:
+    async def write_share_chunk(
+        self, storage_index: bytes, shnum: int, upload_secret: bytes, offset: int, data: bytes | memoryview
+    ) -> bool:
         missing = await self._call(lambda s: s.write(storage_index, shnum, upload_secret, offset, bytes(data)))
         return not missing
 
-    async def abort_upload(self, storage_index, shnum, upload_secret) -> None:
+    async def abort_upload(self, storage_index: bytes, shnum: int, upload_secret: bytes) -> None:
         await self._call(lambda s: s.abort(storage_index, shnum, upload_secret))
 
-    async def list_immutable_shares(self, storage_index) -> set[int]:
+    async def list_immutable_shares(self, storage_index: bytes) -> set[int]:
         return await self._call(lambda s: s.immutable_shares(storage_index))
 
-    async def read_immutable_share(self, storage_index, shnum, offset, length) -> bytes:
+    async def read_immutable_share(self, storage_index: bytes, shnum: int, offset: int, length: int) -> bytes:
         return await self._call(lambda s: s.read_immutable(storage_index, shnum, offset, length))
 
-    async def advise_corrupt_immutable(self, storage_index, shnum, reason) -> None:
+    async def advise_corrupt_immutable(self, storage_index: bytes, shnum: int, reason: str) -> None:
         await self._call(lambda s: s.advise_corrupt(storage_index, shnum, reason, mutable=False))
 
-    async def add_or_renew_lease(self, storage_index, lease: LeaseSecrets) -> None:
+    async def add_or_renew_lease(self, storage_index: bytes, lease: LeaseSecrets) -> None:
         found = await self._call(lambda s: s.add_or_renew_lease(storage_index, lease.renew, lease.cancel))
         if not found:
             raise ShareNotFoundError("no shares to lease", 404)
@@ -122,11 +131,11 @@ class LocalStorageServer(StorageServer):
         )
         return ReadTestWriteResult(outcome.success, outcome.data)
 
-    async def list_mutable_shares(self, storage_index) -> set[int]:
+    async def list_mutable_shares(self, storage_index: bytes) -> set[int]:
         return await self._call(lambda s: s.mutable_shares(storage_index))
 
-    async def read_mutable_share(self, storage_index, shnum, offset, length) -> bytes:
+    async def read_mutable_share(self, storage_index: bytes, shnum: int, offset: int, length: int) -> bytes:
         return await self._call(lambda s: s.read_mutable(storage_index, shnum, offset, length))
 
-    async def advise_corrupt_mutable(self, storage_index, shnum, reason) -> None:
+    async def advise_corrupt_mutable(self, storage_index: bytes, shnum: int, reason: str) -> None:
         await self._call(lambda s: s.advise_corrupt(storage_index, shnum, reason, mutable=True))

@@ -96,7 +96,7 @@ class StorageServer(ABC):
 
     @abstractmethod
     async def write_share_chunk(
-        self, storage_index: bytes, shnum: int, upload_secret: bytes, offset: int, data: bytes
+        self, storage_index: bytes, shnum: int, upload_secret: bytes, offset: int, data: bytes | memoryview
     ) -> bool:
         """Write bytes of an immutable share being uploaded; True once every byte has arrived."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -55,7 +55,7 @@ class _ShareWriter:
     server: StorageServer
     shnum: int
     pending_offset: int = 0
-    pending: list[bytes] = field(default_factory=list)
+    pending: list[bytes | memoryview] = field(default_factory=list)
     pending_size: int = 0
     complete: bool = False
     failed: bool = False
@@ -136,9 +136,7 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
             load[writer.server.server_id] = load.get(writer.server.server_id, 0) + 1
         assignment = spread(homeless, [s.server_id for s in usable], load)
         by_id = {s.server_id: s for s in usable}
-        results = await gather_per_server(
-            [by_id[sid] for sid in assignment], lambda s, a=assignment: ask(s, set(a[s.server_id])), timeout=60
-        )
+        results = await gather_per_server([by_id[sid] for sid in assignment], _asking(ask, assignment), timeout=60)
         for server_id, result in results.items():
             record(by_id[server_id], assignment[server_id], result)
             if server_id in declined and server_id not in reclaimed:
@@ -151,6 +149,15 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
     return placement
 
 
+Ask = Callable[[StorageServer, set[int]], Awaitable[AllocationResult]]
+"""ask(server, share numbers): allocate buckets for them there."""
+
+
+def _asking(ask: Ask, wanted: Mapping[str, Iterable[int]]) -> Callable[[StorageServer], Awaitable[AllocationResult]]:
+    """`ask` for each server's share numbers in `wanted`, as `gather_per_server` calls it."""
+    return lambda server: ask(server, set(wanted[server.server_id]))
+
+
 async def _rebalance(
     grid: Grid,
     storage_index: bytes,
@@ -159,7 +166,7 @@ async def _rebalance(
     placement: Placement,
     errored: set[str],
     declined: dict[str, set[int]],
-    ask: Callable[[StorageServer, set[int]], Awaitable[AllocationResult]],
+    ask: Ask,
     record: Callable[[StorageServer, Iterable[int], object], None],
 ) -> None:
     """Give servers that hold no share one from a server holding several, until happy or out of moves.
@@ -188,7 +195,7 @@ async def _rebalance(
             return
         server, shnum = move
         old = placement.writers.get(shnum)
-        results = await gather_per_server([server], lambda s, n=shnum: ask(s, {n}), timeout=60)
+        results = await gather_per_server([server], _asking(ask, {server.server_id: [shnum]}), timeout=60)
         record(server, {shnum}, results[server.server_id])
         if old is not None and placement.writers.get(shnum) is not old:  # moved: free the old bucket
             await _abort(grid, storage_index, upload_secret, [old])
@@ -285,7 +292,7 @@ async def _stream(
             trio.from_thread.run(send.send, write)
         trio.from_thread.run(send.send, None)
 
-    async def send_pending(writer: _ShareWriter, offset: int, data: bytes) -> None:
+    async def send_pending(writer: _ShareWriter, offset: int, data: bytes | memoryview) -> None:
         try:
             complete = await writer.server.write_share_chunk(storage_index, writer.shnum, upload_secret, offset, data)
             writer.complete = writer.complete or complete
@@ -342,7 +349,7 @@ async def _stream(
             await trio.to_thread.run_sync(produce, abandon_on_cancel=False)
 
 
-def file_chunks(path: os.PathLike, chunk_size: int = 1024 * 1024) -> OpenChunks:
+def file_chunks(path: str | os.PathLike[str], chunk_size: int = 1024 * 1024) -> OpenChunks:
     """A re-readable chunk stream of a local file."""
 
     def open_chunks() -> Iterator[bytes]:

@@ -60,7 +60,7 @@ class _SegmentPlan:
     crypttext_nodes: dict[int, bytes] = field(default_factory=dict)
 
 
-class ChkReader(BlockReader):
+class ChkReader(BlockReader[_SegmentPlan]):
     """Verified random-access reading of one CHK file from whichever of its shares are offered."""
 
     def __init__(self, cap: ChkCap, shnums: Iterable[int] = ()) -> None:
@@ -256,8 +256,12 @@ class ChkReader(BlockReader):
         return AesCtr(self.cap.key, start).update(crypttext)
 
 
-def read_shares(cap: ChkCap, shares: Mapping[int, bytes | ShareReadFn], start: int = 0, end: int | None = None):
+def read_shares(
+    cap: ChkCap, shares: Mapping[int, bytes | ShareReadFn], start: int = 0, end: int | None = None
+) -> bytes:
     """Plaintext [start, end) of a CHK file from in-memory shares or reader functions, verified."""
-    readers = {shnum: (source if callable(source) else bytes_reader(source)) for shnum, source in shares.items()}
-    reader = ChkReader(cap, sorted(readers))
+    readers: dict[Hashable, ShareReadFn] = {
+        shnum: (source if callable(source) else bytes_reader(source)) for shnum, source in shares.items()
+    }
+    reader = ChkReader(cap, sorted(shares))
     return drive(reader.read(start, cap.size if end is None else end), readers)

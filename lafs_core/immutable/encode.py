@@ -8,7 +8,7 @@ The convergent key needs a full pass over the plaintext before encryption starts
 pass, and callers that stream from a file read it twice, as Tahoe does.
 """
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..caps import ChkCap, LiteralCap
@@ -31,7 +31,7 @@ class ShareWrite:
     """Bytes to put at `offset` in every share: share number i gets `data[i]` (bytes or a read-only view)."""
 
     offset: int
-    data: list[bytes | memoryview]
+    data: Sequence[bytes | memoryview]
 
 
 def convergent_key(chunks: Iterable[bytes], convergence: bytes, params: ChkParameters) -> bytes:

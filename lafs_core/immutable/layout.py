@@ -210,7 +210,9 @@ def parse_uri_extension(data: bytes) -> UriExtension:
     return UriExtension(**values)  # type: ignore[arg-type]
 
 
-def ueb_for(params: ChkParameters, crypttext_hash: bytes, crypttext_root_hash: bytes, share_root_hash: bytes):
+def ueb_for(
+    params: ChkParameters, crypttext_hash: bytes, crypttext_root_hash: bytes, share_root_hash: bytes
+) -> UriExtension:
     """The UEB a writer produces for these parameters and hashes."""
     return UriExtension(
         codec_name=b"crs",

@@ -318,7 +318,9 @@ def pack_sdmf_share(
     )
 
 
-def mdmf_offsets(prefix: SignedPrefix, enc_privkey_size: int, chain_size: int, signature_size: int, vk_size: int):
+def mdmf_offsets(
+    prefix: SignedPrefix, enc_privkey_size: int, chain_size: int, signature_size: int, vk_size: int
+) -> MutableOffsets:
     chain_at = MDMF_HEADER_SIZE + enc_privkey_size
     sig_at = chain_at + chain_size
     vk_at = sig_at + signature_size

@@ -7,7 +7,7 @@ that version through the engine of `lafs_core.block_reader`, checking each share
 signed root hash and each block against the share's block tree, then decoding and decrypting.
 """
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 from .. import rsa
@@ -132,14 +132,14 @@ class _Plan:
     salt: bytes | None = None
 
 
-class MutableReader(BlockReader):
+class MutableReader(BlockReader[_Plan]):
     """Verified reading of one version of a mutable file from the shares a ServerMap found."""
 
     def __init__(self, readkey: bytes, servermap: ServerMap, version: SignedPrefix) -> None:
         super().__init__(version.needed)
         self.readkey = readkey
         self.version = version
-        self._headers: dict[ShareRef, ShareHeader] = {}
+        self._headers: dict[Hashable, ShareHeader] = {}  # keyed as ShareState.key: ShareRef
         self._share_tree = IncompleteHashTree(version.total)
         self._share_tree.set_hashes({0: version.root_hash})
         self._codecs: dict[int, CrsCodec] = {}
@@ -161,7 +161,7 @@ class MutableReader(BlockReader):
         return self.version.data_length
 
     def _tree_start(self, share: ShareState) -> int:
-        return self._headers[share.key].offsets.block_hash_tree  # type: ignore[index]
+        return self._headers[share.key].offsets.block_hash_tree
 
     def _setup_needs(self, share: ShareState) -> list[Span]:
         if share.ready:
@@ -170,7 +170,7 @@ class MutableReader(BlockReader):
         root = share.cache.get(start, HASH_SIZE)
         if root is None:
             return share.cache.node_spans(start, tree_size(self.num_segments), [0])
-        header = self._headers[share.key]  # type: ignore[index]
+        header = self._headers[share.key]
         if share.shnum >= self.version.total:
             raise FormatError(f"share number {share.shnum} is not below N={self.version.total}")
         try:
@@ -184,7 +184,7 @@ class MutableReader(BlockReader):
 
     def _block_span(self, share: ShareState, segnum: int) -> Span:
         """The block of a segment, with its salt in front for MDMF."""
-        offset = block_offset(self.version, self._headers[share.key].offsets, segnum)  # type: ignore[index]
+        offset = block_offset(self.version, self._headers[share.key].offsets, segnum)
         length = self.version.block_length(segnum)
         if self.version.version == MDMF_VERSION:
             return offset - SALT_SIZE, length + SALT_SIZE
@@ -240,9 +240,12 @@ def map_shares(cap: AnyMutableCap, shares: Mapping[ShareRef, bytes]) -> ServerMa
 
 def read_mutable(cap: MutableWriteCap | MutableReadCap, shares: Mapping[ShareRef, bytes | ShareReadFn]) -> bytes:
     """The best version's plaintext from shares in memory or behind reader functions, fully verified."""
-    readers = {ref: (src if callable(src) else bytes_reader(src)) for ref, src in shares.items()}
+    readers: dict[Hashable, ShareReadFn] = {
+        ref: (src if callable(src) else bytes_reader(src)) for ref, src in shares.items()
+    }
     servermap = ServerMap(cap.fingerprint)
-    for ref, read in readers.items():
+    for ref in shares:
+        read = readers[ref]
         data = read(0, INITIAL_READ_SIZE)
         try:
             servermap.add_share(ref, data)

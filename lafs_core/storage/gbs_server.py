@@ -30,7 +30,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import h11
 import trio
@@ -151,9 +151,15 @@ class _StoreRunner:
                 raise HttpError(_STORE_STATUS.get(type(exc), 400), str(exc)) from None
 
 
+class _RangeRead(Protocol):
+    """read(store, offset=..., size=...): bytes of a share, short at its end."""
+
+    def __call__(self, store: ShareStore, offset: int, size: int) -> bytes: ...
+
+
 # --- one connection and one request on it ----------------------------------------------------------------------
 class _Connection:
-    def __init__(self, stream: trio.SSLStream, peer: str, limits: ServerLimits) -> None:
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], peer: str, limits: ServerLimits) -> None:
         self.stream = stream
         self.peer = peer
         self.limits = limits
@@ -167,7 +173,8 @@ class _Connection:
                     event = self.h11.next_event()
                     if event is not h11.NEED_DATA:
                         return event
-                    self.h11.receive_data(await self.stream.receive_some(_RECEIVE_SIZE))
+                    # h11 appends what it receives to a bytearray: any bytes-like will do (its annotation says bytes)
+                    self.h11.receive_data(await self.stream.receive_some(_RECEIVE_SIZE))  # type: ignore[arg-type]
         except trio.TooSlowError:
             raise _ConnectionDone("timed out waiting for the client") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -669,9 +676,7 @@ class GbsServer:
         length = await self._store(lambda store: store.mutable_data_length(si, shnum))
         await self._send_range(ex, length, lambda store, offset, size: store.read_mutable(si, shnum, offset, size))
 
-    async def _send_range(
-        self, ex: _Exchange, share_length: int, read: Callable[[ShareStore, int, int], bytes]
-    ) -> None:
+    async def _send_range(self, ex: _Exchange, share_length: int, read: _RangeRead) -> None:
         """Tahoe's `read_range`: no Range → 200 and the whole share; one closed bytes range → 206 with
         `Content-Range: bytes S-E/*`, cut at the share's end; a range starting at or past the end → 204; any
         other Range → 416. The data streams in `io_chunk` pieces."""
@@ -770,7 +775,9 @@ class GbsServer:
         await ex.respond_cbor(200, {"success": outcome.success, "data": outcome.data})
 
 
-def _write_chunk(si: bytes, shnum: int, secret: bytes, offset: int, chunk: bytes, store: ShareStore):
+def _write_chunk(
+    si: bytes, shnum: int, secret: bytes, offset: int, chunk: bytes, store: ShareStore
+) -> list[tuple[int, int]]:
     return store.write(si, shnum, secret, offset, chunk)
 
 

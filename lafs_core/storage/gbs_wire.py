@@ -22,7 +22,7 @@ import ssl
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import cbor2
 import h11
@@ -277,7 +277,7 @@ def decode_cbor(data: bytes | bytearray | memoryview) -> Any:
 
 
 # --- message shapes --------------------------------------------------------------------------------------------
-def is_uint(value: Any) -> bool:
+def is_uint(value: object) -> TypeGuard[int]:
     """A CBOR uint: a non-negative int below 2^64 (bool is not an int here)."""
     return type(value) is int and 0 <= value <= MAX_UINT
 
@@ -397,7 +397,7 @@ def parse_read_test_write_request(obj: Any) -> tuple[dict[int, TestAndWrite], li
 _COALESCE = 64 * 1024
 
 
-def coalesce(connection: h11.Connection, events: Sequence[Any]) -> list[bytes | bytearray | memoryview]:
+def coalesce(connection: h11.Connection, events: Sequence[h11.Event]) -> list[bytes | bytearray | memoryview]:
     """The bytes of h11 events, ready to send: everything small joined into as few pieces as possible (each
     send is a TLS record and a system call), large data passed through as is (no copy of share data)."""
     pieces: list[bytes | bytearray | memoryview] = []

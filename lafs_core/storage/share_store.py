@@ -14,6 +14,7 @@ The store is synchronous and not thread-safe; the servers that use it call it fr
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import shutil
@@ -233,7 +234,9 @@ class ShareStore:
         if start < 0 or end > upload.size:
             raise OutOfBoundsError(f"write [{start}, {end}) beyond the allocated {upload.size} bytes")
 
-    def write(self, storage_index: bytes, shnum: int, upload_secret: bytes, offset: int, data: bytes):
+    def write(
+        self, storage_index: bytes, shnum: int, upload_secret: bytes, offset: int, data: bytes
+    ) -> list[tuple[int, int]]:
         """Write part of an immutable share; returns the ranges still missing (empty once it is complete)."""
         end = offset + len(data)
         self.check_write(storage_index, shnum, upload_secret, offset, end)
@@ -392,7 +395,7 @@ class ShareStore:
                 raise BadWriteEnablerError("the write enabler does not match")
         holds = all(
             all_tests_hold(
-                (lambda o, s, p=existing[shnum]: self._read_mutable_path(p, o, s)) if shnum in existing else None,
+                functools.partial(self._read_mutable_path, existing[shnum]) if shnum in existing else None,
                 vector.tests,
             )
             for shnum, vector in vectors.items()
