@@ -18,7 +18,7 @@ Besides the filesystem operations (grid_server/operations.py), two methods belon
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -48,9 +48,10 @@ def _signed(value: Any) -> int:
 
 
 def _io_size(value: Any) -> int:
-    if _int(value) > MAX_IO:
+    size = _int(value)
+    if size > MAX_IO:
         raise BadParams(f"expected at most {MAX_IO} bytes")
-    return value
+    return size
 
 
 def _optional_int(value: Any) -> int | None:
@@ -70,10 +71,11 @@ def _bool(value: Any) -> bool:
 
 
 def _bytes(value: Any) -> bytes:
-    return value  # the attachment: bytes by construction
+    attachment: bytes = value  # bytes by construction
+    return attachment
 
 
-def _record(value: Any, decoders: dict[str, Decoder], required: set[str]) -> dict[str, Any]:
+def _record(value: Any, decoders: Mapping[str, Decoder], required: set[str]) -> dict[str, Any]:
     if type(value) is not dict:
         raise BadParams("expected an object")
     unknown = set(value) - set(decoders)
@@ -90,7 +92,7 @@ def _caller(value: Any) -> Caller:
 
 
 def _changes(value: Any) -> AttrChanges:
-    checks = {field.name: _optional_int for field in fields(AttrChanges)}
+    checks: dict[str, Decoder] = {field.name: _optional_int for field in fields(AttrChanges)}
     checks["atime_ns"] = checks["mtime_ns"] = lambda item: None if item is None else _signed(item)
     return AttrChanges(**_record(value, checks, set()))
 

@@ -113,6 +113,7 @@ async def _quietly(call: Any) -> None:
 
 
 def peer_uid(sock: trio.socket.SocketType) -> int:
+    uid: int
     _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return uid
 
