@@ -19,7 +19,16 @@ from typing import BinaryIO, TypeVar
 
 import trio
 
-from lafs_core.caps import Cap, DirectoryCap, LiteralCap, MutableReadCap, MutableWriteCap, parse_cap, parse_known_cap
+from lafs_core.caps import (
+    Cap,
+    ChkCap,
+    DirectoryCap,
+    LiteralCap,
+    MutableReadCap,
+    MutableWriteCap,
+    parse_cap,
+    parse_known_cap,
+)
 from lafs_core.dirnode import DirEntry, child_entry
 from lafs_core.errors import LafsError
 from lafs_core.grid.directory import (
@@ -361,8 +370,10 @@ async def _download(grid: Grid, cap: Cap, out: BinaryIO) -> None:
     elif isinstance(cap, MutableWriteCap | MutableReadCap):
         data, _map, _version = await retrieve(grid, cap)
         out.write(data)
-    else:
+    elif isinstance(cap, ChkCap):
         await ImmutableFile(grid, cap).copy_to(lambda data: trio.to_thread.run_sync(out.write, data))
+    else:  # a verify cap, or a kind of cap this code does not know (a directory may hold one)
+        raise LafsError(f"{cap.abbreviated()} cannot be read: only a read or write cap decrypts a file")
     out.flush()
 
 

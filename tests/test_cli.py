@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lafs_core.caps import parse_cap
+
 from .shared_data import SAMPLE_GRID, sample_caps, sample_convergence
 from .storage_cluster import BLACKMATCH, REPO, StorageProcess, blackmatch
 
@@ -169,6 +171,17 @@ def test_a_file_cap_is_not_a_directory(node: str) -> None:
     for command in (["ls"], ["get"], ["mkdir"]):
         line = one_line(blackmatch(*command, "-d", node, f"{cap}/sub", check=False))
         assert line == "blackmatch: error: URI:CHK:... is a file, not a directory"
+
+
+def test_a_verify_cap_cannot_be_read(node: str, tmp_path: Path) -> None:
+    immutable = put_bytes(node, os.urandom(1000))
+    mutable = blackmatch("put", "--mutable", "-d", node, "-", stdin=b"mutable").stdout.decode().strip()
+    for cap in (immutable, mutable):
+        verifier = str(parse_cap(cap).verifier())
+        line = one_line(blackmatch("get", "-d", node, verifier, str(tmp_path / "local"), check=False))
+        kind = verifier.split(":")[1]
+        assert line == f"blackmatch: error: URI:{kind}:... cannot be read: only a read or write cap decrypts a file"
+        assert not (tmp_path / "local").exists()
 
 
 @pytest.mark.parametrize("command", ["mv", "ln"])
