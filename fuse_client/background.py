@@ -93,11 +93,11 @@ def start_daemon(log_path: Path, run: Callable[[Report], int], timeout: float) -
             os.close(log_fd)
             configure_logging()
             _write_quietly(report_write, f"pid {os.getpid()}\n")
-            warnings = _WarningsToStarter(report_write)
-            logging.getLogger().addHandler(warnings)
+            to_starter = _WarningsToStarter(report_write)
+            logging.getLogger().addHandler(to_starter)
 
             def report(word: str) -> None:
-                logging.getLogger().removeHandler(warnings)  # the command stops reading at the word
+                logging.getLogger().removeHandler(to_starter)  # the command stops reading at the word
                 _write_quietly(report_write, word + "\n")
 
             status = run(report)

@@ -13,9 +13,9 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import IO, BinaryIO, TypeVar
 
 import trio
 
@@ -61,7 +61,7 @@ from .node_options import add_node_directory_option, existing_node
 T = TypeVar("T")
 
 
-def add_grid_commands(commands: argparse._SubParsersAction) -> None:
+def add_grid_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create = commands.add_parser("create-node", help="make a node directory (with an embedded grid unless told)")
     create.add_argument("node_dir", metavar="NODEDIR", type=Path)
     create.add_argument("--local-grid", type=int, metavar="N", help="embedded grid of N local share stores")
@@ -146,7 +146,9 @@ def add_grid_commands(commands: argparse._SubParsersAction) -> None:
 
 
 # --- plumbing --------------------------------------------------------------------------------------------------
-def grid_handler(command: Callable[[Grid, NodeDirectory, argparse.Namespace], Awaitable[int]]):
+def grid_handler(
+    command: Callable[[Grid, NodeDirectory, argparse.Namespace], Awaitable[int]],
+) -> Callable[[argparse.Namespace], int]:
     """Wrap an async command: open the node's grid, run it, close the connections."""
 
     def run(args: argparse.Namespace) -> int:
@@ -189,8 +191,8 @@ def create_node(
     needed: int = 3,
     happy: int | None = None,
     total: int = 10,
-    server_files: list[Path] = (),  # type: ignore[assignment]
-    local_servers: list[Path] = (),  # type: ignore[assignment]
+    server_files: Sequence[Path] = (),
+    local_servers: Sequence[Path] = (),
     local_grid: int | None = None,
     warn: Callable[[str], object] | None = None,
 ) -> NodeDirectory:
@@ -327,7 +329,7 @@ async def _overwrite(grid: Grid, cap: MutableWriteCap | MutableReadCap, path: Pa
     return cap
 
 
-def _copy_stream(source, destination) -> None:
+def _copy_stream(source: IO[bytes], destination: IO[bytes]) -> None:
     while chunk := source.read(1024 * 1024):
         destination.write(chunk)
 

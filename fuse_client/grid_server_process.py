@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from grid_server.pid_lock import lock_held
-from grid_server.rpc_wire import FrameReader, ProtocolError, check_server_hello, encode_frame, hello, request
+from grid_server.rpc_wire import Frame, FrameReader, ProtocolError, check_server_hello, encode_frame, hello, request
 from grid_server.server_files import ServerFiles, socket_address
 from lafs_core.errors import LafsError
 from lafs_core.grid.nodedir import NodeDirectory
@@ -60,7 +60,7 @@ def _connect(socket_path: Path) -> tuple[socket.socket, FrameReader] | None:
 
 
 def _receive(sock: socket.socket, reader: FrameReader) -> dict[str, Any] | None:
-    frames: list = []
+    frames: list[Frame] = []
     while not frames:
         data = sock.recv(65536)
         if not data:

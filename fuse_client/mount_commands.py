@@ -40,10 +40,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import pyfuse3
 import trio
@@ -81,7 +82,7 @@ class MountError(LafsError):
 
 
 # --- command line ----------------------------------------------------------------------------------------------
-def add_mount_commands(commands: argparse._SubParsersAction) -> None:
+def add_mount_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mount = commands.add_parser(
         "mount",
         help="mount a grid directory (served in the background until unmounted)",
@@ -159,6 +160,11 @@ def parse_size(text: str) -> int:
 
 
 # --- transports ------------------------------------------------------------------------------------------------
+class GivenSettings(TypedDict, total=False):
+    cache_timeout: float
+    cache_size: int
+
+
 @dataclass(frozen=True)
 class FilesystemSettings:
     """What the command line says about the filesystem, whichever transport serves it (None: its default)."""
@@ -166,8 +172,14 @@ class FilesystemSettings:
     cache_timeout: float | None = None
     cache_size: int | None = None
 
-    def given(self) -> dict[str, float | int]:
-        return {key: value for key, value in vars(self).items() if value is not None}
+    def given(self) -> GivenSettings:
+        """The settings given, by name, as FilesystemOptions and the grid server's `attach` take them."""
+        given: GivenSettings = {}
+        if self.cache_timeout is not None:
+            given["cache_timeout"] = self.cache_timeout
+        if self.cache_size is not None:
+            given["cache_size"] = self.cache_size
+        return given
 
 
 # Opens the operations the shim forwards to; leaving the context must finish (or durably queue) the uploads.
@@ -191,7 +203,7 @@ def split_transport(node: NodeDirectory, root_cap: str, settings: FilesystemSett
     connection is its keepalive: the server lives while some mount is connected."""
     socket_path = ensure_grid_server(node, settings.cache_size)
 
-    def note_settings(in_effect: dict[str, float | int]) -> None:
+    def note_settings(in_effect: dict[str, Any]) -> None:
         for name, asked in settings.given().items():
             if in_effect.get(name) != asked:
                 log.warning(
@@ -622,11 +634,11 @@ def run_server(plan: MountPlan, ready: Callable[[], None]) -> int:
     try:
         return trio.run(_serve, plan, ready, lambda left: pid_handle.add_line(f"{CHANGES_LEFT} {left}"))
     except Exception as failure:
-        exc = sole_exception(failure)
-        if isinstance(exc, ServerUnavailable) or (isinstance(exc, FsError) and exc.errno == errno.ENOTCONN):
-            log.warning("the grid server went away before the mount was ready: %s", exc)
+        cause = sole_exception(failure)
+        if isinstance(cause, ServerUnavailable) or (isinstance(cause, FsError) and cause.errno == errno.ENOTCONN):
+            log.warning("the grid server went away before the mount was ready: %s", cause)
             return SERVER_GONE
-        log_failure(log, "the mount failed", exc)
+        log_failure(log, "the mount failed", cause)
         return 1
     finally:
         pid_handle.release()
@@ -638,7 +650,7 @@ async def _serve(plan: MountPlan, ready: Callable[[], None], finished: Callable[
     phase = "opening"
     life = trio.CancelScope()
 
-    async def on_signals(signals) -> None:
+    async def on_signals(signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             name = signal.Signals(signum).name
             if phase == "serving":

@@ -20,17 +20,17 @@ import errno
 import itertools
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
-from grid_server.operations import FsError
+from grid_server.operations import FsError, Operations
 from grid_server.rpc_methods import METHODS, Method
-from grid_server.rpc_wire import FrameReader, ProtocolError, check_server_hello, encode_frame, hello, request
+from grid_server.rpc_wire import Frame, FrameReader, ProtocolError, check_server_hello, encode_frame, hello, request
 from grid_server.server_files import socket_address
 from lafs_core.errors import LafsError
 
@@ -105,7 +105,8 @@ class RpcConnection:
                     self._lose("the grid server closed the connection")
                     return
                 for frame in self.reader.feed(data):
-                    waiting = self.waiting.get(frame.message.get("id"))  # type: ignore[arg-type]
+                    reply_id = frame.message.get("id")
+                    waiting = self.waiting.get(reply_id) if isinstance(reply_id, int) else None
                     if waiting is None:
                         if "error" in frame.message:
                             log.error("the grid server reports: %s", frame.message["error"].get("message"))
@@ -149,7 +150,7 @@ async def connect(socket_path: Path) -> RpcConnection:
     reader = FrameReader()
     try:
         await stream.send_all(encode_frame(hello()))
-        frames: list = []
+        frames: list[Frame] = []
         while not frames:
             data = await stream.receive_some(RECEIVE_BYTES)
             if not data:
@@ -204,6 +205,12 @@ for _method in METHODS.values():
         setattr(RpcOperations, _method.name, _forwarder(_method))
 
 
+def as_operations(operations: RpcOperations) -> Operations:
+    """`operations` as the interface it implements: its methods are made from METHODS above, where a type checker
+    cannot see them (tests/test_rpc_server.py checks that every method of Operations is there)."""
+    return cast(Operations, operations)
+
+
 Attach = Callable[[], Awaitable[RpcConnection]]
 
 
@@ -237,10 +244,10 @@ async def keep_attached(operations: RpcOperations, attach_again: Attach) -> None
 async def open_rpc_operations(
     socket_path: Path,
     root_cap: str,
-    settings: dict[str, Any],
+    settings: Mapping[str, object],
     on_settings: Callable[[dict[str, Any]], None],
     start_server: Callable[[], Awaitable[None]] | None,
-) -> AsyncIterator[RpcOperations]:
+) -> AsyncIterator[Operations]:
     """Attach to the server as a mount of `root_cap` (`on_settings` gets the settings in effect). If the server
     goes away meanwhile, `start_server` starts one again and the mount attaches to it (without it, the calls fail
     with ENOTCONN from then on). On exit the connection closes: that is what tells the server this mount is gone
@@ -266,5 +273,5 @@ async def open_rpc_operations(
         operations = RpcOperations(connection)
         if start_server is not None:
             nursery.start_soon(keep_attached, operations, attach_again)
-        yield operations
+        yield as_operations(operations)
         nursery.cancel_scope.cancel()

@@ -26,12 +26,21 @@ import errno
 import functools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
-from grid_server.operations import XATTR_NAMESPACE, AttrChanges, Attributes, Caller, FsError, FsStats, Operations
+from grid_server.operations import (
+    XATTR_NAMESPACE,
+    AttrChanges,
+    Attributes,
+    Caller,
+    DirectoryEntry,
+    FsError,
+    FsStats,
+    Operations,
+)
 
 log = logging.getLogger("blackmatch.fuse")
 
@@ -40,16 +49,19 @@ log = logging.getLogger("blackmatch.fuse")
 BLOCK_SIZE = 128 * 1024
 
 _R = TypeVar("_R")
+_P = ParamSpec("_P")
 
 
-def _replies(handler: Callable[..., Awaitable[_R]]) -> Callable[..., Awaitable[_R]]:
+def _replies(
+    handler: Callable[Concatenate[FuseShim, _P], Awaitable[_R]],
+) -> Callable[Concatenate[FuseShim, _P], Coroutine[Any, Any, _R]]:
     """Turn whatever a handler raises into the reply pyfuse3 expects: FUSEError and nothing else."""
     operation = handler.__name__
 
     @functools.wraps(handler)
-    async def wrapper(self: FuseShim, *args: Any) -> _R:
+    async def wrapper(self: FuseShim, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
-            return await handler(self, *args)
+            return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:  # EIO is the grid failing (the other errors are the caller's): the log says why
@@ -335,7 +347,7 @@ class FuseShim(pyfuse3.Operations):
                 return
             offset = entries[-1].next_offset
 
-    async def _forget_entries(self, entries: Sequence[Any]) -> None:
+    async def _forget_entries(self, entries: Sequence[DirectoryEntry]) -> None:
         counts = Counter(entry.attributes.inode for entry in entries if entry.attributes.inode)
         await self._forget(sorted(counts.items()))
 

@@ -17,7 +17,7 @@ from .mount_commands import ServingProcess, mounts_directory
 from .node_options import add_node_directory_option, existing_node
 
 
-def add_status_command(commands: argparse._SubParsersAction) -> None:
+def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = commands.add_parser("status", help="show the grid server and the mounts of a node directory")
     add_node_directory_option(status)
     status.set_defaults(handler=status_command)

@@ -22,7 +22,7 @@ from lafs_core.storage.share_store import ShareStore
 log = logging.getLogger("blackmatch.storage")
 
 
-def add_storage_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_storage_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     storage = subparsers.add_parser("storage", help="run a storage server that Tahoe-LAFS clients can use")
     commands = storage.add_subparsers(dest="storage_command", metavar="STORAGECOMMAND", required=True)
 

@@ -16,6 +16,7 @@ import ast
 import configparser
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,8 +248,8 @@ def create_node_directory(
     path: Path,
     *,
     encoding: EncodingConfig,
-    server_files: list[Path] = (),  # type: ignore[assignment]
-    local_servers: list[Path] = (),  # type: ignore[assignment]
+    server_files: Sequence[Path] = (),
+    local_servers: Sequence[Path] = (),
     local_grid: int | None = None,
 ) -> NodeDirectory:
     """Make a node directory. Servers: the entries of `server_files` (servers.yaml format) and the
