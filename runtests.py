@@ -6,9 +6,11 @@
     ./runtests.py --mode split      the filesystem tests in one mode only (split or no-split)
     ./runtests.py -k caps           other arguments go to pytest
 
-The suite runs in parts: first every test that does not mount, then the filesystem tests (marked `mount`) once
-per mode, `split` (the FUSE shim and a grid server daemon) and `no-split` (one process), chosen by the
-environment variable BLACKMATCH_MOUNT_MODE. Each part's results are reported, and a summary at the end.
+The suite runs in parts: first the static type check (mypy --strict over lafs_core, grid_server and fuse_client,
+configured in pyproject.toml), then every test that does not mount, then the filesystem tests (marked `mount`)
+once per mode, `split` (the FUSE shim and a grid server daemon) and `no-split` (one process), chosen by the
+environment variable BLACKMATCH_MOUNT_MODE. Each part's results are reported, and a summary at the end. With
+--mode only the filesystem tests of that mode run.
 
 Exit status is 0 when every part passed. A run in which no part collected a test fails: an empty run proves
 nothing.
@@ -24,6 +26,7 @@ from pathlib import Path
 import bootstrap
 
 NO_TESTS_COLLECTED = 5
+TYPE_CHECK = "type check (mypy --strict)"
 MODES = ("split", "no-split")
 
 
@@ -49,6 +52,22 @@ def counts(junit: Path) -> str:
     return ", ".join(parts)
 
 
+def type_check(python: Path) -> tuple[int, str]:
+    """Run mypy as pyproject.toml configures it; its exit status and a summary ('ok', or how many errors)."""
+    command = [str(python), "-m", "mypy"]
+    bootstrap.log(f"{TYPE_CHECK}: " + " ".join(command[1:]))
+    result = subprocess.run(command, cwd=bootstrap.ROOT, capture_output=True, text=True, check=False)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.stdout.flush()  # before pytest writes to the same terminal
+    if result.returncode == 0:
+        return 0, "ok"
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    last = lines[-1] if lines else "no output"
+    # "Found 3 errors in 2 files (checked 78 source files)" -> "3 errors in 2 files"
+    return result.returncode, last.removeprefix("Found ").split(" (checked")[0]
+
+
 def main(argv: list[str]) -> int:
     python = bootstrap.ensure_all()
     bootstrap.ensure_debian_packages(bootstrap.TEST_DEBIAN_PACKAGES)
@@ -63,6 +82,7 @@ def main(argv: list[str]) -> int:
         interop = ""
     parts = [] if mode else [("tests that do not mount", f"not mount{interop}", None)]
     parts += [(f"filesystem tests, {each}", f"mount{interop}", each) for each in MODES if mode in (None, each)]
+    checked = None if mode else type_check(python)
     results = []
     with tempfile.TemporaryDirectory(prefix="blackmatch-runtests-") as reports:
         for number, (title, selection, each_mode) in enumerate(parts):
@@ -75,13 +95,19 @@ def main(argv: list[str]) -> int:
             status = subprocess.run(command, cwd=bootstrap.ROOT, env=env, check=False).returncode
             results.append((title, status, counts(junit) if status != NO_TESTS_COLLECTED else "no tests"))
     print("\nruntests summary:")
+    if checked is not None:
+        status, summary = checked
+        print(f"  {TYPE_CHECK}: {summary}" + ("" if status == 0 else f": FAILED (mypy status {status})"))
     for title, status, summary in results:
         verdict = "ok" if status in (0, NO_TESTS_COLLECTED) else f"FAILED (pytest status {status})"
         print(f"  {title}: {summary}: {verdict}")
     if all(status == NO_TESTS_COLLECTED for _, status, _ in results):
         print("runtests: no tests were collected; that is a failure", file=sys.stderr)
         return 1
-    return max((status for _, status, _ in results if status != NO_TESTS_COLLECTED), default=0)
+    statuses = [status for _, status, _ in results if status != NO_TESTS_COLLECTED]
+    if checked is not None:
+        statuses.append(checked[0])
+    return max(statuses, default=0)
 
 
 if __name__ == "__main__":
