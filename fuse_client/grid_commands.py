@@ -360,7 +360,7 @@ async def get_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace)
     if not args.local:
         await _download(grid, cap, sys.stdout.buffer)
         return 0
-    with replaced_when_complete(Path(args.local)) as out:
+    with local_output(Path(args.local)) as out:
         await _download(grid, cap, out)
     return 0
 
@@ -380,15 +380,34 @@ async def _download(grid: Grid, cap: Cap, out: BinaryIO) -> None:
 
 
 @contextlib.contextmanager
-def replaced_when_complete(path: Path) -> Iterator[BinaryIO]:
-    """A new file beside `path` to write its new contents into, renamed over `path` only when the block ends
-    without an error (after an fsync, with `path`'s mode when it existed); removed otherwise, even on Ctrl-C.
-
-    So a download that fails (a mistyped cap, the grid down) or is interrupted leaves `path` as it was, and
-    never an empty or partial file. A symlink's target is what gets replaced, not the link."""
+def local_output(path: Path) -> Iterator[BinaryIO]:
+    """Where a download to `path` is written. A regular file (or none) is replaced only once the download is
+    whole (replaced_when_complete); anything else that is not a directory (/dev/null, a FIFO, a terminal) holds
+    nothing to keep and is written in place, as `tahoe get` and cat would: replacing it would put a regular file
+    where a device was."""
     target = Path(os.path.realpath(path))
-    if target.is_dir():
+    try:
+        kind = target.stat().st_mode
+    except FileNotFoundError:
+        kind = stat.S_IFREG
+    if stat.S_ISDIR(kind):
         raise LafsError(f"{path} is a directory")
+    if not stat.S_ISREG(kind):
+        with open(target, "wb") as out:
+            yield out
+        return
+    with replaced_when_complete(target) as out:
+        yield out
+
+
+@contextlib.contextmanager
+def replaced_when_complete(target: Path) -> Iterator[BinaryIO]:
+    """A new file beside the regular file `target` (which may not exist yet) to write its new contents into,
+    renamed over it only when the block ends without an error (after an fsync, with `target`'s mode when it
+    existed); removed otherwise, even on Ctrl-C.
+
+    So a download that fails (a mistyped cap, the grid down) or is interrupted leaves `target` as it was, and
+    never an empty or partial file."""
     try:
         mode = stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:

@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,6 +126,34 @@ def test_get_that_fails_leaves_local_files_alone(node: str, tmp_path: Path) -> N
     assert existing.read_bytes() == blackmatch("get", "-d", node, cap).stdout
     assert stat.S_IMODE(existing.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_get_into_a_fifo_or_a_device_writes_into_it(node: str, tmp_path: Path) -> None:
+    """LOCAL that is not a regular file (a FIFO, a device such as /dev/null) is written in place, as cat would:
+    replacing it with a regular file would put a file where a device was."""
+    data = os.urandom(100_000)
+    cap = put_bytes(node, data)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    the_fifo = os.open(fifo, os.O_PATH)  # reaches the FIFO even if something replaced it at its path
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(fifo.read_bytes()))
+    reader.start()
+    getting = subprocess.Popen([*BLACKMATCH, "get", "-d", node, cap, str(fifo)], cwd=REPO, stderr=subprocess.PIPE)
+    _out, err = getting.communicate(timeout=60)
+    reader.join(10)
+    if reader.is_alive():  # nothing was written into the FIFO: let the reader's open return, then fail
+        os.close(os.open(f"/proc/self/fd/{the_fifo}", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    os.close(the_fifo)
+    assert getting.returncode == 0, err
+    assert received == data and stat.S_ISFIFO(fifo.lstat().st_mode)
+    if os.geteuid() == 0:  # a node of the null device, written to as /dev/null would be
+        null = tmp_path / "null"
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        blackmatch("get", "-d", node, cap, str(null))
+        assert stat.S_ISCHR(null.lstat().st_mode) and null.lstat().st_rdev == os.makedev(1, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "null"][: 1 + (os.geteuid() == 0)]
 
 
 def test_get_interrupted_leaves_local_files_alone(node: str, tmp_path: Path) -> None:
