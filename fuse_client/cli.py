@@ -6,6 +6,7 @@ line and exit with status 1; usage mistakes exit with status 2 via argparse. No 
 
 import argparse
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -65,12 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = sole_exception(raised)
         if isinstance(failure, KeyboardInterrupt):
             return 130
-        if isinstance(failure, BrokenPipeError):
+        if isinstance(failure, BrokenPipeError) and _reader_gone(sys.stdout.fileno()):
             return _closed_pipe()
         if isinstance(failure, LafsError | OSError | ValueError):
             print(f"blackmatch: error: {failure}", file=sys.stderr)
             return 1
         raise
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether `fd` is a pipe whose reading end is closed (poll reports an error on its writing end): only then is
+    a broken pipe the reader's choice, not a failure (a download into a FIFO whose reader died is one)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _closed_pipe() -> int:
