@@ -8,8 +8,8 @@ as `FsError(errno, message)`; the shim turns them into the FUSE error reply, the
 Names are `str`: Tahoe directory entries are Unicode, so a name that is not UTF-8 is refused by the shim with
 EINVAL before it gets here. Times are integer nanoseconds since the epoch.
 
-Lookup counts follow the kernel's rules: every successful `lookup`, `create`, `mkdir`, `symlink`, `link` and
-every entry `readdir` returns adds one to the returned inode's count; `forget` subtracts. An inode whose count
+Lookup counts follow the kernel's rules: every successful `create`, every entry `readdir` returns, and every
+operation in ENTRY_OPERATIONS adds one to the returned inode's count; `forget` subtracts. An inode whose count
 reaches zero and that no open handle holds may be dropped by the server; its number is not reused while it lives.
 """
 
@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 ROOT_INODE = 1
+
+# The operations that answer with one entry's Attributes and count a lookup of it (see the lookup count rules).
+ENTRY_OPERATIONS = frozenset({"lookup", "mkdir", "mknod", "symlink", "link"})
 
 # rename flags, as the kernel passes them (linux/fs.h)
 RENAME_NOREPLACE = 1

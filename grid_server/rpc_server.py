@@ -39,7 +39,7 @@ from lafs_core.errors import LafsError, sole_exception
 
 from .filesystem import FilesystemOptions, GridFilesystem, open_root
 from .node_state import NodeState
-from .operations import FsError
+from .operations import ENTRY_OPERATIONS, FsError
 from .rpc_methods import METHODS, BadParams, Method, encode_result
 from .rpc_wire import Frame, FrameReader, ProtocolError, check_hello, encode_frame, error, hello, parse_request, result
 from .server_files import socket_address
@@ -69,7 +69,7 @@ class Held:
     directories: set[int] = field(default_factory=set)
 
     def note(self, name: str, arguments: list[Any], value: Any) -> None:
-        if name in ("lookup", "mkdir", "symlink", "link"):
+        if name in ENTRY_OPERATIONS:
             self.lookups[value.inode] += 1
         elif name == "create":
             self.files.add(value[0])

@@ -26,9 +26,9 @@ from fuse_client.grid_commands import create_node
 from fuse_client.grid_server_process import ServerStartError, server_answers
 from fuse_client.rpc_client import RpcConnection, RpcOperations, ServerRefused, connect, open_connection
 from grid_server.node_state import open_node_state
-from grid_server.operations import ROOT_INODE, Caller, FsError, Operations
+from grid_server.operations import ENTRY_OPERATIONS, ROOT_INODE, Attributes, Caller, FsError, Operations
 from grid_server.rpc_methods import METHODS
-from grid_server.rpc_server import GridServer, listen
+from grid_server.rpc_server import GridServer, Held, listen
 from grid_server.rpc_wire import VERSION, FrameReader, encode_frame, hello, request
 from lafs_core.caps import parse_cap
 
@@ -44,6 +44,22 @@ def test_the_method_table_is_the_operations_interface():
         parameters = list(inspect.signature(getattr(Operations, name)).parameters)[1:]
         assert [param for param, _ in METHODS[name].params] == parameters, name
         assert callable(getattr(RpcOperations, name))
+
+
+def test_every_operation_answering_with_an_entry_is_counted_for_a_gone_mount():
+    """The server gives back a gone mount's lookups (Held): each operation that answers with a new entry's
+    Attributes counts one, as the kernel does, so none may be missing from ENTRY_OPERATIONS (mknod once was)."""
+    answering = {
+        name
+        for name, function in inspect.getmembers(Operations, inspect.iscoroutinefunction)
+        if inspect.signature(function).return_annotation in (Attributes, "Attributes")
+    }
+    assert answering - {"getattr", "setattr"} == ENTRY_OPERATIONS  # these two answer about an inode already held
+    held = Held()
+    attributes = Attributes(7, 0o100644, 1, 0, 0, 0, 0, 0, 0)
+    for name in sorted(ENTRY_OPERATIONS):
+        held.note(name, [], attributes)
+    assert held.lookups == {7: len(ENTRY_OPERATIONS)}
 
 
 @pytest.mark.parametrize(
