@@ -191,12 +191,15 @@ class RpcOperations:
 
     def __init__(self, connection: RpcConnection) -> None:
         self.connection = connection
-        self.reattaching: trio.Event | None = None  # set while an attempt to attach again runs; fires when it ends
+        # While `keep_attached` runs: fires when its attempt to attach again has ended. It is made before the
+        # connection can be lost, so a call that finds the connection lost waits for the first attempt even before
+        # `keep_attached` has woken to make it; between failed attempts it stays set, and calls fail at once.
+        self.attempt_over: trio.Event | None = None
 
     async def current_connection(self) -> RpcConnection:
         """The connection calls go to: while an attempt to attach again runs, the one it makes."""
-        if self.reattaching is not None:
-            await self.reattaching.wait()
+        if self.connection.lost.is_set() and self.attempt_over is not None:
+            await self.attempt_over.wait()
         return self.connection
 
 
@@ -218,26 +221,27 @@ async def keep_attached(operations: RpcOperations, attach_again: Attach) -> None
     """Whenever the connection is lost, attach again (`attach_again` starts a grid server if none runs), with
     capped back-off while that fails. A failure that is not the grid server's absence (a bug) is logged with its
     traceback and ends the attempts: the mount stays, and its calls fail with ENOTCONN until it is unmounted."""
-    while True:
-        await operations.connection.lost.wait()
-        log.error("%s; starting the grid server again", operations.connection.lost_reason)
-        pause = FIRST_RETRY
-        while operations.connection.lost.is_set():
-            attempt = operations.reattaching = trio.Event()
-            try:
-                operations.connection = await attach_again()
-            except (LafsError, FsError, OSError) as exc:
-                log.error("cannot attach to a grid server: %s; trying again in %g s", exc, pause)
-            except Exception:
-                log.exception("attaching to a new grid server failed unexpectedly; giving up until unmounted")
-                return
-            finally:
-                operations.reattaching = None
-                attempt.set()
-            if operations.connection.lost.is_set():
+    try:
+        while True:
+            operations.attempt_over = trio.Event()
+            await operations.connection.lost.wait()
+            log.error("%s; starting the grid server again", operations.connection.lost_reason)
+            pause = FIRST_RETRY
+            while True:
+                try:
+                    operations.connection = await attach_again()
+                except (LafsError, FsError, OSError) as exc:
+                    log.error("cannot attach to a grid server: %s; trying again in %g s", exc, pause)
+                finally:
+                    operations.attempt_over.set()
+                if not operations.connection.lost.is_set():
+                    break
                 await trio.sleep(pause)
                 pause = min(pause * 2, LAST_RETRY)
-        log.info("attached to a new grid server; files open before it started fail with EIO")
+                operations.attempt_over = trio.Event()
+            log.info("attached to a new grid server; files open before it started fail with EIO")
+    except Exception:
+        log.exception("attaching to a new grid server failed unexpectedly; giving up until unmounted")
 
 
 @asynccontextmanager

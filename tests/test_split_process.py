@@ -157,7 +157,7 @@ def test_a_mount_whose_server_dies_attaches_to_a_new_one(tmp_path):
         with pytest.raises(OSError) as failure:
             held.write("more")
             held.flush()
-        assert failure.value.errno == errno.EIO
+        assert failure.value.errno in (errno.EIO, errno.ENOTCONN)  # ENOTCONN: sent before the shim saw the end
         with contextlib.suppress(OSError):
             held.close()
         assert find_mount(mount.mountpoint) is not None
@@ -219,7 +219,7 @@ def test_kill_9_of_the_server_in_the_middle_of_cp_a(tmp_path):
     node, mountpoint, source = tmp_path / "node", tmp_path / "mnt", tmp_path / "source"
     random = Random(12)
     files = {}
-    for number in range(240):
+    for number in range(400):
         path = source / f"d{number % 8}" / f"f{number}.bin"
         path.parent.mkdir(parents=True, exist_ok=True)
         files[path.relative_to(source)] = random.randbytes(random.choice((0, 10, 4000, 70_000, 300_000)))
