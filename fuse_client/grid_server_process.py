@@ -131,10 +131,14 @@ async def start_grid_server_apart(node: NodeDirectory, cache_size: int | None) -
     command = [sys.executable, "-m", "fuse_client.grid_server_process", str(node.path)]
     if cache_size is not None:
         command += ["--cache-size", str(cache_size)]
-    result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    # Run from the directory this code was loaded from, so the new server runs this code too (`-m` looks in the
+    # working directory first), not whatever an installation elsewhere would find.
+    here = Path(__file__).resolve().parent.parent
+    result = await trio.run_process(command, cwd=here, capture_stdout=True, capture_stderr=True, check=False)
     if result.returncode != 0:
-        problem = result.stderr.decode("utf-8", "replace").strip() or f"status {result.returncode}"
-        raise ServerStartError(f"starting the grid server failed: {problem}")
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines() or [f"status {result.returncode}"]
+        last = f" (its log ends: {lines[-1].strip()})" if len(lines) > 1 else ""
+        raise ServerStartError(f"starting the grid server failed: {lines[0]}{last}")
 
 
 def main() -> int:
