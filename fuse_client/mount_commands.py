@@ -319,11 +319,14 @@ def take_unmount_request(pid_path: Path) -> float | None:
 
 
 def lock_pid_file(path: Path, mountpoint: Path) -> PidLock:
-    """The serving process's pid file (its pid, then the mountpoint), locked while it lives."""
+    """The serving process's pid file (its pid, then the mountpoint), locked while it lives. An unmount request
+    left beside it (by an unmount that was killed, or a process that died before reading it) is not this mount's."""
     try:
-        return PidLock(path, (str(mountpoint),))
+        lock = PidLock(path, (str(mountpoint),))
     except BlockingIOError:
         raise MountError(f"another blackmatch process already serves {mountpoint} (see {path})") from None
+    unmount_request(path).unlink(missing_ok=True)
+    return lock
 
 
 @dataclass

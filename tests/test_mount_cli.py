@@ -22,9 +22,12 @@ from fuse_client.mount_commands import (
     find_mount,
     fuse_options,
     is_blackmatch,
+    lock_pid_file,
     mount_key,
     parse_size,
     process_alive,
+    take_unmount_request,
+    unmount_request,
 )
 from lafs_core.grid.nodedir import NodeDirectory
 
@@ -95,6 +98,18 @@ def test_a_node_directory_named_must_exist(tmp_path, named):
         assert not (cwd / (given or ".") / "private").exists()
     finally:  # before the fix, a mount of a new grid ran there
         Mount(cwd / (given or "."), tmp_path / "mnt").cleanup()
+
+
+def test_a_stale_unmount_request_is_not_the_next_mounts(tmp_path):
+    """An unmount killed before fusermount ran leaves its --timeout beside the pid file; the next mount of that
+    mountpoint must not take it as its own when it ends."""
+    pid_path = tmp_path / "mount.pid"
+    unmount_request(pid_path).write_text("3\n")
+    lock = lock_pid_file(pid_path, tmp_path / "mnt")
+    try:
+        assert take_unmount_request(pid_path) is None
+    finally:
+        lock.release()
 
 
 def test_mountpoint_must_be_a_directory(tmp_path):
