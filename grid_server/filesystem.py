@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +50,11 @@ from lafs_core.grid.upload import file_chunks, upload_immutable
 from lafs_core.immutable.params import LIT_THRESHOLD
 
 from .journal import WriteJournal
+from .journal_records import Change, Link, Record, Removal
 from .local_files import LocalFile, LocalFiles
 from .metadata import PosixFields, file_type, posix_fields, with_posix_fields
 from .node_state import NodeState, open_node_state
-from .nodes import DIRECTORY, FILE, LOOP, REMOVED, SYMLINK, Directory, Inode
+from .nodes import DIRECTORY, FILE, LOOP, SYMLINK, Directory, Inode
 from .operations import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -69,6 +70,7 @@ from .operations import (
     FsStats,
 )
 from .read_cache import ReadCache
+from .write_back import WriteBack
 
 log = logging.getLogger("blackmatch.filesystem")
 
@@ -136,7 +138,7 @@ class GridFilesystem:
         self._first_number = first_number
         self._next_inode = max(first_number, ROOT_INODE + 1)
         self._next_handle = max(first_number, 1)
-        self._seq = 0
+        self.write_back = WriteBack()
         self._uploads_send, self._uploads_receive = trio.open_memory_channel[LocalFile](1 << 20)
         self._queued: set[str] = set()
         self._changed = trio.Event()
@@ -170,9 +172,9 @@ class GridFilesystem:
         mark, quiet_since = self._progress_mark(), trio.current_time()
         patience = min(give_up_after, DRAIN_AGAIN) if mark == self._gave_up_at else give_up_after
         while self.outstanding():
-            for directory in self.directories.values():
-                if directory.ready_changes():
-                    directory.request_publish(urgent=True)
+            for key in self.write_back.directories():
+                if self.write_back.ready(key):
+                    self._want_publish(self.directories[key], urgent=True)
             changed = self._changed  # several drains may wait at once: each on the event current now
             with trio.move_on_after(DRAIN_CHECK):
                 await changed.wait()
@@ -202,8 +204,21 @@ class GridFilesystem:
         self._changed = trio.Event()
 
     def outstanding(self) -> int:
-        pending = sum(len(d.pending) for d in self.directories.values())
-        return pending + len(self._queued)
+        return self.write_back.count() + len(self._queued)
+
+    def check(self) -> None:
+        """Raise AssertionError unless the write-back state is consistent, in itself and with the inodes: every
+        pending link's inode is linked at its name, and every link waiting for content has that local file."""
+        self.write_back.check()
+        for key in self.write_back.directories():
+            directory = self.directories[key]
+            for name, change in self.write_back.pending_in(key).items():
+                if isinstance(change, Link):
+                    inode = directory.inodes.get(name)
+                    assert inode is not None and inode.parent is directory and inode.name == name, change
+                    assert self.inodes.get(inode.number) is inode, f"the inode of {change} is not in the table"
+                    if change.local is not None:
+                        assert inode.local is not None and inode.local.id == change.local, change
 
     def close(self) -> None:
         self.journal.close()
@@ -286,10 +301,22 @@ class GridFilesystem:
             levels += 1
         return None
 
+    def _pending_in(self, directory: Directory) -> Mapping[str, Change]:
+        return self.write_back.pending_in(directory.key)
+
+    def _pending_link(self, directory: Directory, name: str) -> Inode | None:
+        """The inode whose link at `name` is pending in the directory, if that is the name's pending change."""
+        return directory.inodes[name] if isinstance(self.write_back.change(directory.key, name), Link) else None
+
+    def _entry_pending(self, inode: Inode) -> bool:
+        """Whether the inode's own entry is still to be published."""
+        return inode.parent is not None and self._pending_link(inode.parent, inode.name) is inode
+
     def _child(self, directory: Directory, name: str) -> Inode | None:
         """The inode linked at `name` in the directory's view (made from the listing if new), or None."""
-        if name in directory.pending:
-            return directory.pending[name]
+        change = self.write_back.change(directory.key, name)
+        if change is not None:
+            return None if isinstance(change, Removal) else directory.inodes[name]
         assert directory.listing is not None
         entry = directory.listing.get(name)
         if entry is None:
@@ -350,7 +377,7 @@ class GridFilesystem:
     def _maybe_drop(self, inode: Inode) -> None:
         if inode.lookups > 0 or inode.opens > 0 or inode.number == ROOT_INODE:
             return
-        if inode.parent is not None and inode.parent.pending.get(inode.name) is inode:
+        if self._entry_pending(inode):
             return  # its entry is still to be published
         if not self._settled(inode):
             return
@@ -455,35 +482,32 @@ class GridFilesystem:
             raise FsError(errno.EINVAL if len(name.encode("utf-8")) <= NAME_MAX else errno.ENAMETOOLONG, "bad name")
 
     # --- pending changes and the journal --------------------------------------------------------------------
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
-
-    def _set_pending(self, directory: Directory, name: str, inode: Inode | None) -> None:
-        """Record that `name` in `directory` is to become `inode` (None: to be removed), journal first: if the
-        journal cannot take the record (a full disk), the change is refused and nothing of it is made."""
-        seq = self._next_seq()
-        record: dict[str, Any] = {"op": "set", "seq": seq, "dir": directory.cap.to_string(), "name": name}
-        if inode is not None:
-            record["kind"] = inode.kind
-            record["meta"] = self._folded_metadata(inode)
-            record["cap"] = inode.cap.to_string() if inode.cap is not None else None
-            record["local"] = inode.local.id if inode.local is not None and inode.local.dirty else None
-        with local_disk("cannot record the change"):
-            self.journal.append(record)
-        if inode is not None:
-            inode.seq = seq
-            self._attach(inode, directory, name)
-        directory.pending[name] = inode
-        directory.pending_seq[name] = seq
-        if inode is None or inode.ready:
+    def _record_link(self, directory: Directory, name: str, inode: Inode) -> None:
+        """Record that `name` in `directory` is to become `inode`, journal first: if the journal cannot take the
+        record (a full disk), the change is refused and nothing of it is made."""
+        local = inode.local.id if inode.local is not None and inode.local.dirty else None
+        cap = inode.cap.to_string() if inode.cap is not None else None
+        metadata = self._folded_metadata(inode)
+        self._record_change(self.write_back.new_link(directory.key, name, inode.kind, metadata, cap, local))
+        self._attach(inode, directory, name)
+        if local is None:
             self._want_publish(directory)
+
+    def _record_removal(self, directory: Directory, name: str) -> None:
+        """Record that `name` in `directory` is to go, journal first, as `_record_link`."""
+        self._record_change(self.write_back.new_removal(directory.key, name))
+        self._want_publish(directory)
+
+    def _record_change(self, change: Change) -> None:
+        with local_disk("cannot record the change"):
+            self.journal.append(change)
+        self.write_back.apply(change)
 
     def _enter_new(self, directory: Directory, name: str, inode: Inode) -> None:
         """Give a new inode its entry. One that cannot be recorded (a full disk) lets the inode and its local copy
         go again, so a refused create, mkdir, symlink or link leaves nothing behind."""
         try:
-            self._set_pending(directory, name, inode)
+            self._record_link(directory, name, inode)
         except FsError:
             self._abandon(inode)
             raise
@@ -497,7 +521,7 @@ class GridFilesystem:
     def _touch(self, inode: Inode) -> None:
         """Re-record an inode's entry after its content or attributes changed."""
         if inode.parent is not None:
-            self._set_pending(inode.parent, inode.name, inode)
+            self._record_link(inode.parent, inode.name, inode)
 
     def _want_publish(self, directory: Directory, urgent: bool = False) -> None:
         directory.request_publish(urgent)
@@ -513,20 +537,23 @@ class GridFilesystem:
             if not directory.urgent:
                 await trio.sleep(PUBLISH_COALESCE)
             directory.urgent = False
-            batch = directory.ready_changes()
-            if batch:
-                await self._publish(directory, batch)
+            ready = self.write_back.ready(directory.key)
+            if ready:
+                await self._publish(directory, ready)
             done, directory.round_done = directory.round_done, trio.Event()
             done.set()
-            if not directory.pending:
+            if not self._pending_in(directory):
                 self._maybe_compact()
 
-    async def _publish(self, directory: Directory, batch: dict[str, tuple[Inode | None, int]]) -> None:
+    async def _publish(self, directory: Directory, ready: dict[str, Change]) -> None:
+        """Publish the ready changes in one directory update."""
         now = time.time()
+        # each change with the inode it links (None: a removal), as they are now: the names may change meanwhile
+        batch = {name: (change, self._pending_link(directory, name)) for name, change in ready.items()}
 
         def apply(children: Children) -> Children:
-            for name, (item, _seq) in batch.items():
-                if item is REMOVED:
+            for name, (_change, item) in batch.items():
+                if item is None:
                     children.pop(name, None)
                 else:
                     assert item.cap is not None
@@ -544,19 +571,16 @@ class GridFilesystem:
             return
         directory.failure = None
         directory.set_listing(listing)
-        published = []
-        for name, (item, seq) in batch.items():
-            if directory.pending_seq.get(name) == seq:
-                del directory.pending[name]
-                del directory.pending_seq[name]
-                published.append(seq)
-                if item is not None:
-                    item.metadata = dict(listing[name].metadata)
-                    self._maybe_drop(item)
-        self._record_progress({"op": "published", "seqs": published})
+        published = self.write_back.mark_published(change for change, _item in batch.values())
+        done = set(published.seqs)
+        for name, (change, item) in batch.items():
+            if item is not None and change.seq in done:
+                item.metadata = dict(listing[name].metadata)
+                self._maybe_drop(item)
+        self._record_progress(published)
         self._note_progress()
 
-    def _record_progress(self, record: dict[str, Any]) -> None:
+    def _record_progress(self, record: Record) -> None:
         """Journal that something reached the grid. Losing such a record costs work (a replay after a crash
         uploads or publishes that again; a republished entry can undo a change made to it elsewhere since), which
         is rare and small next to failing what already reached the grid, so a full disk is logged. Records use
@@ -564,71 +588,59 @@ class GridFilesystem:
         try:
             self.journal.append(record)
         except OSError as exc:
-            log.warning("cannot journal %s (it is redone after a restart): %s", record["op"], exc)
+            log.warning("cannot journal %s (it is redone after a restart): %s", type(record).__name__, exc)
 
     async def _retry_publish(self, directory: Directory) -> None:
         await trio.sleep(PUBLISH_RETRY)
         directory.request_publish()
 
     def _maybe_compact(self) -> None:
-        if not any(d.pending for d in self.directories.values()) and not self._queued:
+        if not self.write_back.count() and not self._queued:
             try:
                 self.journal.rewrite([])
             except OSError as exc:  # the journal as it was still replays to the same state
                 log.warning("cannot compact the journal: %s", exc)
 
     async def _replay_journal(self) -> None:
-        """Put the changes a previous run left unpublished back in the queue."""
-        latest: dict[tuple[str, str], dict[str, Any]] = {}
-        uploaded: dict[str, str] = {}
-        published: set[int] = set()
-        for record in self.journal.replay():
-            op = record.get("op")
-            if op == "set":
-                latest[(record["dir"], record["name"])] = record
-            elif op == "uploaded":
-                uploaded[record["local"]] = record["cap"]
-            elif op == "published":
-                published.update(record["seqs"])
-        remaining = [r for r in latest.values() if r["seq"] not in published]
-        self._seq = max((r["seq"] for r in latest.values()), default=0)
-        keep = set()
-        for record in sorted(remaining, key=lambda r: r["seq"]):
-            try:
-                directory = self._directory(parse_cap(record["dir"]))  # type: ignore[arg-type]
-            except LafsError:
-                log.warning("journal names a malformed directory cap; skipped")
+        """Put the changes a previous run left unpublished back in the queue, with inodes for the links."""
+        self.write_back.replay(self.journal.replay())
+        content: dict[str, LocalFile] = {}  # one copy a local file, shared by the links (hard links) waiting for it
+        for file_id in self.write_back.waiting_locals():
+            local = self.local_files.existing(file_id)
+            if local is None:
+                lost = len(self.write_back.forget_waiting_for(file_id))
+                log.warning("a queued file's content is missing from the cache; %d entries keep its old version", lost)
                 continue
-            if "kind" not in record:
-                directory.pending[record["name"]] = REMOVED
-                directory.pending_seq[record["name"]] = record["seq"]
-                self._want_publish(directory)
-                continue
-            local_id = record.get("local")
-            cap_text = uploaded.get(local_id) if local_id else record.get("cap")
-            cap = parse_cap(cap_text) if cap_text else None
-            inode = self._new_inode(record["kind"], cap, record["meta"])
-            if local_id and local_id not in uploaded:
-                local = self.local_files.existing(local_id)
-                if local is None:
-                    log.warning("a queued file's content is missing from the cache; its old version stays")
-                    continue
-                local.mark_dirty()
-                inode.local = local
-                keep.add(local_id)
-                self.local_owners.setdefault(local.id, set()).add(inode)
-            inode.seq = record["seq"]
-            self._attach(inode, directory, record["name"])
-            directory.pending[record["name"]] = inode
-            directory.pending_seq[record["name"]] = record["seq"]
-            if inode.local is not None:
-                self._queue_upload(inode.local)
-            else:
-                self._want_publish(directory)
-        for stale in self.local_files.ids() - keep:
+            local.mark_dirty()
+            content[file_id] = local
+        for stale in self.local_files.ids() - set(content):
             (self.local_files.directory / stale).unlink(missing_ok=True)
-        if remaining:
-            log.info("resuming %d queued changes from the last run", len(remaining))
+        for key in self.write_back.directories():
+            for change in list(self.write_back.pending_in(key).values()):
+                try:
+                    self._replayed(change, content)
+                except LafsError as exc:
+                    log.warning("a queued change names a malformed cap (%s); skipped", exc)
+                    self.write_back.forget(change)
+        for local in content.values():
+            self._queue_upload(local)
+        if self.write_back.count():
+            log.info("resuming %d queued changes from the last run", self.write_back.count())
+
+    def _replayed(self, change: Change, content: dict[str, LocalFile]) -> None:
+        """Give a replayed change its directory view, and a link its inode (with its local content)."""
+        directory_cap = parse_cap(change.directory)
+        if not isinstance(directory_cap, DirectoryCap):
+            raise LafsError("the directory of a queued change is not a directory cap")
+        directory = self._directory(directory_cap)
+        if isinstance(change, Link):
+            inode = self._new_inode(change.kind, parse_cap(change.cap) if change.cap else None, dict(change.metadata))
+            if change.local is not None:
+                inode.local = content[change.local]
+                self.local_owners.setdefault(change.local, set()).add(inode)
+            self._attach(inode, directory, change.name)
+        if self.write_back.ready(directory.key).get(change.name) == change:
+            self._want_publish(directory)
 
     # --- uploads ------------------------------------------------------------------------------------------
     async def _fsync_closed_files(self) -> None:
@@ -685,10 +697,10 @@ class GridFilesystem:
             if local.version != version:
                 return  # written again meanwhile: the next close uploads the newer content
             local.uploaded_version = version
-            self._record_progress({"op": "uploaded", "local": local.id, "cap": cap.to_string()})
+            self._record_progress(self.write_back.mark_uploaded(local.id, cap.to_string()))
             for owner in owners:
                 owner.cap, owner.failure = cap, None
-                if owner.parent is not None and owner.parent.pending.get(owner.name) is owner:
+                if owner.parent is not None and self._entry_pending(owner):
                     self._want_publish(owner.parent)
             self._note_progress()
 
@@ -761,7 +773,7 @@ class GridFilesystem:
         node = self._inode(inode)
         if node.parent is not None and node.parent.stale(self.options.cache_timeout):
             directory = await self._fresh(node.parent)
-            if node.name not in directory.pending:
+            if node.name not in self._pending_in(directory):
                 self._child(directory, node.name)  # picks up a new version written elsewhere
         return await self._attributes(node)
 
@@ -813,7 +825,7 @@ class GridFilesystem:
         self._check_name(name)
         directory = await self._fresh(self._dir_of(parent))
         self._check_writable(directory)
-        if directory.has(name):
+        if directory.has(name, self._pending_in(directory)):
             raise FsError(errno.EEXIST)
         return directory
 
@@ -827,7 +839,7 @@ class GridFilesystem:
             cap = await create_directory(self.grid)
         except LafsError as exc:
             raise FsError(errno.EIO, f"cannot create the directory: {exc}") from None
-        if directory.has(name):  # created meanwhile by a concurrent call
+        if directory.has(name, self._pending_in(directory)):  # created meanwhile by a concurrent call
             raise FsError(errno.EEXIST)
         inode = self._new_inode(DIRECTORY, cap, {})
         assert inode.directory is not None
@@ -891,9 +903,9 @@ class GridFilesystem:
         if directory_wanted:
             assert inode.directory is not None
             child = await self._fresh(inode.directory)
-            if child.names():
+            if child.names(self._pending_in(child)):
                 raise FsError(errno.ENOTEMPTY)
-        self._set_pending(directory, name, REMOVED)
+        self._record_removal(directory, name)
         self._detach(inode)
 
     async def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int) -> None:
@@ -921,16 +933,16 @@ class GridFilesystem:
                 raise FsError(errno.ENOTDIR)
             if replaced.kind == DIRECTORY:
                 assert replaced.directory is not None
-                if (await self._fresh(replaced.directory)).names():
+                if (await self._fresh(replaced.directory)).names(self._pending_in(replaced.directory)):
                     raise FsError(errno.ENOTEMPTY)
         # The new name is recorded before anything changes: refused (a full disk), the rename changes nothing;
         # and a crash or refusal between the two records leaves two names, never none.
-        self._set_pending(target_dir, name_new, inode)
+        self._record_link(target_dir, name_new, inode)
         if replaced is not None:
             self._detach(replaced)
         if source_dir.inodes.get(name_old) is inode:
             del source_dir.inodes[name_old]
-        self._set_pending(source_dir, name_old, REMOVED)
+        self._record_removal(source_dir, name_old)
 
     async def link(self, inode: int, new_parent: int, new_name: str) -> Attributes:
         node = self._inode(inode)
@@ -995,7 +1007,7 @@ class GridFilesystem:
         """Note a change of content: its time, and a journal record unless a pending one already names the
         local file (the case on every write after the first, which then costs no metadata work)."""
         inode.written_ns = time.time_ns()
-        if not was_dirty or inode.parent is None or inode.parent.pending.get(inode.name) is not inode:
+        if not was_dirty or not self._entry_pending(inode):
             self._touch(inode)
 
     async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[int, Attributes]:
@@ -1057,11 +1069,11 @@ class GridFilesystem:
         node: Inode | None = inode
         while node is not None and node.parent is not None:
             directory = node.parent
-            while directory.pending.get(node.name) is node:
+            while self._pending_link(directory, node.name) is node:
                 waiter = directory.round_done
                 self._want_publish(directory, urgent=True)
                 await waiter.wait()
-                if directory.failure is not None and directory.pending.get(node.name) is node:
+                if directory.failure is not None and self._pending_link(directory, node.name) is node:
                     raise FsError(errno.EIO, f"directory update failed: {directory.failure}")
             node = directory.inode
 
@@ -1082,7 +1094,7 @@ class GridFilesystem:
     # --- operations: directories --------------------------------------------------------------------------
     async def opendir(self, inode: int) -> int:
         directory = await self._fresh(self._dir_of(inode))
-        return self._new_handle(self._inode(inode), False, directory.names())
+        return self._new_handle(self._inode(inode), False, directory.names(self._pending_in(directory)))
 
     async def readdir(self, fh: int, offset: int) -> list[DirectoryEntry]:
         handle = self._handle(fh)
@@ -1112,11 +1124,12 @@ class GridFilesystem:
             raise FsError(errno.ENOTDIR)
         with local_disk("cannot sync the journal"):
             self.journal.sync()
-        for name, item in list(directory.pending.items()):
+        pending = [(name, self._pending_link(directory, name)) for name in self._pending_in(directory)]
+        for name, item in pending:
             if item is not None:
                 await self._sync_inode(item)
             else:
-                while directory.pending.get(name, 0) is REMOVED:
+                while isinstance(self.write_back.change(directory.key, name), Removal):
                     waiter = directory.round_done
                     self._want_publish(directory, urgent=True)
                     await waiter.wait()

@@ -20,11 +20,11 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from . import disk_space
+from .journal_records import MalformedRecord, Record, parse_record, serialize_record
 
 log = logging.getLogger("blackmatch.journal")
 
@@ -43,27 +43,26 @@ class WriteJournal:
             self._cut_back()
         self._keep_reserve()
 
-    def replay(self) -> list[dict[str, Any]]:
+    def replay(self) -> list[Record]:
         """The records written so far, oldest first."""
-        records = []
+        records: list[Record] = []
         with open(self.path, "rb") as f:
             lines = f.read().split(b"\n")
         for number, line in enumerate(lines, 1):
             if not line:
                 continue
             try:
-                record = orjson.loads(line)
+                records.append(parse_record(orjson.loads(line)))
             except orjson.JSONDecodeError:
                 if number < len(lines) - 1:
                     log.warning("journal line %d is damaged; skipped", number)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+            except MalformedRecord as exc:
+                log.warning("journal line %d is not a record this version knows (%s); skipped", number, exc)
         return records
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: Record) -> None:
         """Add one record whole, or raise OSError (ENOSPC, say) with the journal as it was."""
-        line = orjson.dumps(record) + b"\n"
+        line = _line(record)
         try:
             written = os.pwrite(self._fd, line, self._end)
             if written != len(line):
@@ -101,13 +100,13 @@ class WriteJournal:
     def fileno(self) -> int:
         return self._fd
 
-    def rewrite(self, records: list[dict[str, Any]]) -> None:
+    def rewrite(self, records: list[Record]) -> None:
         """Replace the journal by `records` atomically (write aside, fsync, rename)."""
         temporary = self.path.with_suffix(".new")
         fd = -1
         try:
             with open(temporary, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as out:
-                out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
+                out.write(b"".join(_line(record) for record in records))
                 out.flush()
                 os.fsync(out.fileno())
             fd = os.open(temporary, os.O_RDWR)
@@ -126,6 +125,10 @@ class WriteJournal:
     def close(self) -> None:
         self.sync()
         os.close(self._fd)
+
+
+def _line(record: Record) -> bytes:
+    return orjson.dumps(serialize_record(record)) + b"\n"
 
 
 def _whole_records_end(fd: int) -> int:

@@ -1,13 +1,15 @@
 """The server's picture of the tree: inodes, and directories with their grid listing and pending changes.
 
-A directory's view is its listing as last read from the grid, overlaid by `pending`: names whose change (a new or
-rewritten entry, or a removal) is not on the grid yet. Pending changes are published in batches, one directory
-update for many names; the listing is re-read when older than the cache timeout, so changes made elsewhere show.
+A directory's view is its listing as last read from the grid, overlaid by its pending changes (write_back.py):
+names whose change (a new or rewritten entry, or a removal) is not on the grid yet. Pending changes are published in
+batches, one directory update for many names; the listing is re-read when older than the cache timeout, so changes
+made elsewhere show.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -17,6 +19,7 @@ import trio
 from lafs_core.caps import Cap, DirectoryCap
 from lafs_core.dirnode import DirEntry
 
+from .journal_records import Change, Removal
 from .local_files import LocalFile
 
 DIRECTORY, FILE, SYMLINK = "dir", "file", "symlink"
@@ -39,32 +42,22 @@ class Inode:
     local: LocalFile | None = None
     lookups: int = 0
     opens: int = 0
-    seq: int = 0  # journal sequence of this inode's last pending change
     directory: Directory | None = None  # for directories: their state
     failure: str | None = None  # why the last upload of this inode failed
     written_ns: int | None = None  # time of a write not yet folded into `metadata` (keeps writes cheap)
     local_seen: int = 0  # the parent's `reads` when `local` was made
     loop_target: str | None = None  # for a loop: the relative path to the directory it links ("." or "../..")
 
-    @property
-    def ready(self) -> bool:
-        """Whether the entry can be published: its content is on the grid."""
-        return self.cap is not None and (self.local is None or not self.local.dirty)
-
-
-REMOVED = None  # a pending removal
-
 
 @dataclass(eq=False)
 class Directory:
     cap: DirectoryCap
+    key: str = field(init=False)  # the cap as a string: how journal records and the write-back core name it
     listing: dict[str, DirEntry] | None = None
     fetched_at: float = 0.0
     listing_version: int = 0  # bumped whenever `listing` is replaced (by a re-read or by our own publish)
     reads: int = 0  # re-reads from the grid, which may bring other writers' new versions of its mutable files
-    pending: dict[str, Inode | None] = field(default_factory=dict)
-    pending_seq: dict[str, int] = field(default_factory=dict)  # journal sequence of each pending change
-    inodes: dict[str, Inode] = field(default_factory=dict)  # live inodes linked here, by name
+    inodes: dict[str, Inode] = field(default_factory=dict)  # live inodes linked here, by name (every pending link's)
     inode: Inode | None = None  # this directory's own inode, when known
     refresh_lock: trio.Lock = field(default_factory=trio.Lock)
     publish_wanted: trio.Event = field(default_factory=trio.Event)
@@ -72,6 +65,9 @@ class Directory:
     publisher_running: bool = False
     urgent: bool = False
     failure: str | None = None
+
+    def __post_init__(self) -> None:
+        self.key = self.cap.to_string()
 
     @cached_property
     def readonly_cap(self) -> DirectoryCap:
@@ -85,28 +81,21 @@ class Directory:
     def stale(self, timeout: float) -> bool:
         return self.listing is None or time.monotonic() - self.fetched_at > timeout
 
-    def names(self) -> list[str]:
-        """Every name in the view, sorted."""
+    def names(self, pending: Mapping[str, Change]) -> list[str]:
+        """Every name in the view with these pending changes, sorted."""
         assert self.listing is not None
         names = set(self.listing)
-        for name, item in self.pending.items():
-            if item is REMOVED:
+        for name, change in pending.items():
+            if isinstance(change, Removal):
                 names.discard(name)
             else:
                 names.add(name)
         return sorted(names)
 
-    def has(self, name: str) -> bool:
-        if name in self.pending:
-            return self.pending[name] is not REMOVED
+    def has(self, name: str, pending: Mapping[str, Change]) -> bool:
+        if name in pending:
+            return not isinstance(pending[name], Removal)
         return self.listing is not None and name in self.listing
-
-    def ready_changes(self) -> dict[str, tuple[Inode | None, int]]:
-        """The pending changes that can be published now (removals, and entries whose content is on the grid),
-        with their journal sequence numbers."""
-        return {
-            name: (item, self.pending_seq[name]) for name, item in self.pending.items() if item is REMOVED or item.ready
-        }
 
     def request_publish(self, urgent: bool = False) -> None:
         self.urgent = self.urgent or urgent

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import errno
+import json
 import math
 import os
 import shutil
@@ -38,6 +39,18 @@ from .small_disk import fill_up, needs_root, small_tmpfs
 
 CALLER = Caller(os.getuid(), os.getgid(), 0o022)
 OPTIONS = FilesystemOptions(cache_timeout=0.5, cache_size=64 << 20)
+
+
+@pytest.fixture(autouse=True)
+def checked_at_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every filesystem a test opens has a consistent write-back state when it closes."""
+    close = GridFilesystem.close
+
+    def check_then_close(fs: GridFilesystem) -> None:
+        fs.check()
+        close(fs)
+
+    monkeypatch.setattr(GridFilesystem, "close", check_then_close)
 
 
 @pytest.fixture
@@ -284,6 +297,44 @@ def test_journal_resumes_what_a_killed_process_left(node, layout):
         assert await read_immutable(fs.grid, listing["pending.bin"].cap) == data  # type: ignore[arg-type]
 
     run(node, body)
+
+
+def test_a_journal_as_earlier_versions_wrote_it_replays(node):
+    """Journal lines as the versions before typed records wrote them (a journal left by an upgraded server): a
+    link waiting for local content, one whose content was uploaded, one published, and a removal."""
+
+    async def before(fs: GridFilesystem) -> None:
+        for name in ("kept", "gone", "published"):
+            await write_file(fs, ROOT_INODE, name, name.encode())
+
+    run(node, before)
+    (journal,) = (node[0].private / "blackmatch" / "roots").glob("*/journal")
+    (journal.parent / "files" / "c0ffee").write_bytes(b"local content")
+    root = parse_cap(node[1]).to_string()
+    meta = {"blackmatch": {"mode": 0o600}}
+    lines = [
+        {"op": "set", "seq": 1, "dir": root, "name": "local", "kind": "file", "meta": meta, "cap": None,
+         "local": "c0ffee"},
+        {"op": "set", "seq": 2, "dir": root, "name": "uploaded", "kind": "file", "meta": {}, "cap": None,
+         "local": "f00d"},
+        {"op": "uploaded", "local": "f00d", "cap": "URI:LIT:nbswy3dp"},
+        {"op": "set", "seq": 3, "dir": root, "name": "gone"},
+        {"op": "set", "seq": 4, "dir": root, "name": "published", "kind": "file", "meta": {}, "cap": "URI:LIT:",
+         "local": None},
+        {"op": "published", "seqs": [4]},
+    ]  # fmt: skip
+    journal.write_bytes(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+
+    async def after(fs: GridFilesystem) -> None:
+        assert await fs.drain()
+        listing = await grid_listing(fs, node[1])
+        assert set(listing) == {"kept", "published", "local", "uploaded"}
+        assert await read_immutable(fs.grid, listing["local"].cap) == b"local content"  # type: ignore[arg-type]
+        assert listing["local"].metadata["blackmatch"]["mode"] == 0o600
+        assert listing["uploaded"].cap.to_string() == "URI:LIT:nbswy3dp"
+        assert listing["published"].cap.to_string() != "URI:LIT:"  # published already: not published again
+
+    run(node, after)
 
 
 def test_rewriting_immutable_files(node):

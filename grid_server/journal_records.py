@@ -1,0 +1,128 @@
+"""The write-back journal's records, typed, with the one parser and the one serializer of their JSON form.
+
+A journal line is one JSON object. Its form is fixed by the journals earlier versions left on users' disks (they
+must replay after an upgrade):
+
+    {"op": "set", "seq": N, "dir": DIRCAP, "name": NAME}                         a removal of NAME
+    {"op": "set", "seq": N, "dir": DIRCAP, "name": NAME, "kind": K, "meta": {...},
+     "cap": CAP or null, "local": ID or null}                                     NAME linked to an entry
+    {"op": "uploaded", "local": ID, "cap": CAP}                                   a local file's content is on the grid
+    {"op": "published", "seqs": [N, ...]}                                         those changes are on the grid
+
+A link's `local` names the local file whose content is not on the grid yet (then `cap` is the version it started
+from, or null for a new file); an `uploaded` record gives such links the cap their content got.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Link:
+    """`name` in the directory `directory` (a cap string) is to become this entry."""
+
+    seq: int
+    directory: str
+    name: str
+    kind: str
+    metadata: Mapping[str, Any]
+    cap: str | None  # the content on the grid (for content still local: the version it started from)
+    local: str | None  # the local file holding content the grid does not have yet
+
+
+@dataclass(frozen=True)
+class Removal:
+    """`name` in the directory `directory` is to go."""
+
+    seq: int
+    directory: str
+    name: str
+
+
+Change = Link | Removal
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """The local file `local` is on the grid as `cap`: links waiting for it can be published."""
+
+    local: str
+    cap: str
+
+
+@dataclass(frozen=True)
+class Published:
+    """The changes with these sequence numbers are on the grid."""
+
+    seqs: tuple[int, ...]
+
+
+Record = Link | Removal | Uploaded | Published
+
+
+class MalformedRecord(ValueError):
+    """A journal line that is JSON but not a record this version knows."""
+
+
+def serialize_record(record: Record) -> dict[str, Any]:
+    """The record's JSON form, as every version has written it."""
+    match record:
+        case Link():
+            return {
+                "op": "set",
+                "seq": record.seq,
+                "dir": record.directory,
+                "name": record.name,
+                "kind": record.kind,
+                "meta": dict(record.metadata),
+                "cap": record.cap,
+                "local": record.local,
+            }
+        case Removal():
+            return {"op": "set", "seq": record.seq, "dir": record.directory, "name": record.name}
+        case Uploaded():
+            return {"op": "uploaded", "local": record.local, "cap": record.cap}
+        case Published():
+            return {"op": "published", "seqs": list(record.seqs)}
+
+
+def parse_record(raw: object) -> Record:
+    """The record a journal line's JSON holds; MalformedRecord if it holds none (a damaged or foreign line)."""
+    if not isinstance(raw, dict):
+        raise MalformedRecord("not a JSON object")
+    op = raw.get("op")
+    if op == "set":
+        seq, directory, name = _field(raw, "seq", int), _field(raw, "dir", str), _field(raw, "name", str)
+        if "kind" not in raw:
+            return Removal(seq, directory, name)
+        cap, local = _optional(raw, "cap"), _optional(raw, "local")
+        if cap is None and local is None:
+            raise MalformedRecord("a link with neither a cap nor local content")
+        return Link(seq, directory, name, _field(raw, "kind", str), _field(raw, "meta", dict), cap, local)
+    if op == "uploaded":
+        return Uploaded(_field(raw, "local", str), _field(raw, "cap", str))
+    if op == "published":
+        seqs = _field(raw, "seqs", list)
+        if not all(type(seq) is int for seq in seqs):
+            raise MalformedRecord("published: seqs are not all integers")
+        return Published(tuple(seqs))
+    raise MalformedRecord(f"unknown op {op!r}")
+
+
+def _field(raw: dict[str, Any], key: str, kind: type[T]) -> T:
+    value = raw.get(key)
+    if type(value) is not kind:
+        raise MalformedRecord(f"{key} is not a {kind.__name__}")
+    return value
+
+
+def _optional(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and type(value) is not str:
+        raise MalformedRecord(f"{key} is neither a string nor null")
+    return value
