@@ -70,6 +70,7 @@ from .operations import (
     FsStats,
 )
 from .read_cache import ReadCache
+from .retries import Failures
 from .write_back import WriteBack
 
 log = logging.getLogger("blackmatch.filesystem")
@@ -77,7 +78,6 @@ log = logging.getLogger("blackmatch.filesystem")
 CAP_XATTR, READCAP_XATTR = "user.tahoe.cap", "user.tahoe.readcap"
 READDIR_BATCH = 512
 PUBLISH_COALESCE = 0.05  # seconds a directory waits for more changes before it publishes
-PUBLISH_RETRY = 2.0
 DRAIN_CHECK = 1.0  # seconds between a drain's looks at whether anything moved
 DRAIN_GIVE_UP = 120.0  # seconds a drain waits while nothing moves (the grid is unreachable) before it gives up
 DRAIN_AGAIN = 10.0  # what a drain waits instead when an earlier one gave up and nothing has moved since
@@ -141,6 +141,11 @@ class GridFilesystem:
         self.write_back = WriteBack()
         self._uploads_send, self._uploads_receive = trio.open_memory_channel[LocalFile](1 << 20)
         self._queued: set[str] = set()
+        self._uploading: set[str] = set()  # local files being uploaded now
+        self._publishing: set[str] = set()  # directories being published now
+        self.upload_failures: Failures[str] = Failures()  # by local file
+        self.publish_failures: Failures[str] = Failures()  # by directory
+        self._failure_noted = trio.Event()  # wakes the retry task: a back-off to wait for
         self._changed = trio.Event()
         self._done = 0  # uploads and publishes done: what a drain watches, with the grid's stored bytes
         self._gave_up_at: tuple[int, int] | None = None  # the progress mark when a drain last gave up
@@ -155,6 +160,7 @@ class GridFilesystem:
     async def start(self) -> None:
         await self._replay_journal()
         self.nursery.start_soon(self._fsync_closed_files)
+        self.nursery.start_soon(self._retry_failures)
         for _ in range(self.options.upload_workers):
             self.nursery.start_soon(self._upload_worker)
 
@@ -169,11 +175,13 @@ class GridFilesystem:
         for inode in list(self.inodes.values()):
             if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
                 self._queue_upload(inode.local)
+        self.publish_failures.retry_now(trio.current_time())
+        self._failure_noted.set()
         mark, quiet_since = self._progress_mark(), trio.current_time()
         patience = min(give_up_after, DRAIN_AGAIN) if mark == self._gave_up_at else give_up_after
         while self.outstanding():
             for key in self.write_back.directories():
-                if self.write_back.ready(key):
+                if self.write_back.ready(key) and self.publish_failures.get(key) is None:  # (failing: retried)
                     self._want_publish(self.directories[key], urgent=True)
             changed = self._changed  # several drains may wait at once: each on the event current now
             with trio.move_on_after(DRAIN_CHECK):
@@ -187,6 +195,45 @@ class GridFilesystem:
                 log.warning("unmounting with %d changes still queued; they resume on the next mount", left)
                 return False
         return True
+
+    async def queue_state(self) -> dict[str, Any]:
+        """What the write-back queue holds: changes pending, and uploads and publishes waiting, in flight, or
+        failing (why, how often, and in how many seconds they are tried again)."""
+        now = trio.current_time()
+        ready = [key for key in self.write_back.directories() if self.write_back.ready(key)]
+        return {
+            "changes": self.write_back.count(),
+            "uploads": {
+                "waiting": len(self._queued),
+                "in_flight": len(self._uploading),
+                "failing": [
+                    self.upload_failures.describe(file_id, self._local_file_name(file_id), now)
+                    for file_id in self.upload_failures.failing()
+                ],
+            },
+            "publishes": {
+                "waiting": len(set(ready) - self._publishing),
+                "in_flight": len(self._publishing),
+                "failing": [
+                    self.publish_failures.describe(key, self._path(self.directories[key].inode), now)
+                    for key in self.publish_failures.failing()
+                ],
+            },
+        }
+
+    def _local_file_name(self, file_id: str) -> str:
+        """A failing upload as its user knows it: the path of a name it has (else the local file's id)."""
+        owners = sorted(self.local_owners.get(file_id, ()), key=lambda inode: inode.parent is None)
+        return self._path(owners[0]) if owners and owners[0].parent is not None else f"(local file {file_id})"
+
+    def _path(self, inode: Inode | None) -> str:
+        """The inode's path below the root as last looked up ("…/name" where an ancestor is not known)."""
+        parts: list[str] = []
+        while inode is not None and inode is not self.root and len(parts) < 256:
+            parts.append(inode.name)
+            parent = inode.parent
+            inode = parent.inode if parent is not None else None
+        return "/" + "/".join(reversed(parts)) if inode is self.root else "…/" + "/".join(reversed(parts))
 
     async def finish_uploads(self, give_up_after: float | None) -> int:
         """A drain (giving up after `give_up_after` seconds without progress, if that is less than the drain's
@@ -539,7 +586,11 @@ class GridFilesystem:
             directory.urgent = False
             ready = self.write_back.ready(directory.key)
             if ready:
-                await self._publish(directory, ready)
+                self._publishing.add(directory.key)
+                try:
+                    await self._publish(directory, ready)
+                finally:
+                    self._publishing.discard(directory.key)
             done, directory.round_done = directory.round_done, trio.Event()
             done.set()
             if not self._pending_in(directory):
@@ -564,12 +615,10 @@ class GridFilesystem:
 
         try:
             listing = await modify_directory(self.grid, directory.cap, apply)
-        except LafsError as exc:
-            directory.failure = str(exc)
-            log.warning("directory update failed, will retry: %s", exc)
-            self.nursery.start_soon(self._retry_publish, directory)
+        except Exception as exc:  # a background publish must never take the mount down
+            self._note_failure(self.publish_failures, directory.key, exc, "directory update")
             return
-        directory.failure = None
+        self.publish_failures.succeeded(directory.key)
         directory.set_listing(listing)
         published = self.write_back.mark_published(change for change, _item in batch.values())
         done = set(published.seqs)
@@ -590,9 +639,41 @@ class GridFilesystem:
         except OSError as exc:
             log.warning("cannot journal %s (it is redone after a restart): %s", type(record).__name__, exc)
 
-    async def _retry_publish(self, directory: Directory) -> None:
-        await trio.sleep(PUBLISH_RETRY)
-        directory.request_publish()
+    def _note_failure(self, failures: Failures[str], key: str, exc: Exception, what: str) -> None:
+        """Keep a failed upload or publish as state, and log it: a grid error to retry after its back-off, any
+        other error (a bug) with its traceback, not retried until something asks for it again."""
+        failure = failures.failed(key, exc, trio.current_time())
+        if failure.next_try is None:
+            log.error("%s failed by an unexpected error; not retried on its own", what, exc_info=exc)
+        else:
+            wait = failure.next_try - trio.current_time()
+            log.warning("%s failed (%d tries), next try in %.0f s: %s", what, failure.attempts, wait, exc)
+            self._failure_noted.set()
+
+    async def _retry_failures(self) -> None:
+        """Try again each failed upload and publish once its back-off is over."""
+        while True:
+            noted = self._failure_noted
+            with trio.move_on_at(min(self.upload_failures.next_due(), self.publish_failures.next_due())):
+                await noted.wait()
+            if noted.is_set():
+                self._failure_noted = trio.Event()
+            now = trio.current_time()
+            for file_id in self.upload_failures.take_due(now):
+                local = self._local_file(file_id)
+                if local is not None and local.dirty and local.writers == 0:
+                    self._queue_upload(local)
+                else:  # written again (its last close queues it) or gone
+                    self.upload_failures.succeeded(file_id)
+            for key in self.publish_failures.take_due(now):
+                if self.write_back.ready(key):
+                    self._want_publish(self.directories[key])
+                else:
+                    self.publish_failures.succeeded(key)
+
+    def _local_file(self, file_id: str) -> LocalFile | None:
+        owner = next(iter(self.local_owners.get(file_id, ())), None)
+        return owner.local if owner is not None else None
 
     def _maybe_compact(self) -> None:
         if not self.write_back.count() and not self._queued:
@@ -668,6 +749,7 @@ class GridFilesystem:
             if local.writers == 0 and local.dirty and not self._orphaned(local):
                 await self._upload(local)
             else:
+                self.upload_failures.succeeded(local.id)
                 self._note_progress()  # nothing to do after all: one change less outstanding
 
     async def _upload(self, local: LocalFile) -> None:
@@ -679,6 +761,7 @@ class GridFilesystem:
             version, size = local.version, local.size
             owners = self.local_owners.get(local.id, set())
             mutable = next((o.cap for o in owners if isinstance(o.cap, MutableWriteCap)), None)
+            self._uploading.add(local.id)
             try:
                 if mutable is not None:
                     data = await trio.to_thread.run_sync(local.pread, 0, size)
@@ -687,27 +770,21 @@ class GridFilesystem:
                 else:
                     cap = await upload_immutable(self.grid, size, file_chunks(local.path))
             except Exception as exc:  # a background upload must never take the mount down
-                if local.version != version:
-                    return  # changed under the upload (written or truncated): the next close uploads it again
-                for owner in owners:
-                    owner.failure = str(exc)
-                log.warning("upload failed, will retry: %s", exc)
-                self.nursery.start_soon(self._retry_upload, local)
+                if local.version == version:  # (else changed under the upload: the next close uploads it again)
+                    self._note_failure(self.upload_failures, local.id, exc, "upload")
                 return
+            finally:
+                self._uploading.discard(local.id)
+            self.upload_failures.succeeded(local.id)
             if local.version != version:
                 return  # written again meanwhile: the next close uploads the newer content
             local.uploaded_version = version
             self._record_progress(self.write_back.mark_uploaded(local.id, cap.to_string()))
             for owner in owners:
-                owner.cap, owner.failure = cap, None
+                owner.cap = cap
                 if owner.parent is not None and self._entry_pending(owner):
                     self._want_publish(owner.parent)
             self._note_progress()
-
-    async def _retry_upload(self, local: LocalFile) -> None:
-        await trio.sleep(PUBLISH_RETRY * 2)
-        if local.dirty and local.writers == 0:
-            self._queue_upload(local)
 
     # --- content ------------------------------------------------------------------------------------------
     async def _content(self, cap: Cap | None, sink: Callable[[bytes], Any]) -> None:
@@ -1063,7 +1140,10 @@ class GridFilesystem:
         if inode.local is not None and inode.local.dirty and not self._orphaned(inode.local):
             await self._upload(inode.local)
             if inode.local is not None and inode.local.dirty:
-                raise FsError(errno.EIO, f"upload failed: {inode.failure or 'the file changed during fsync'}")
+                failure = self.upload_failures.get(inode.local.id)
+                raise FsError(
+                    errno.EIO, f"upload failed: {failure.error if failure else 'the file changed during fsync'}"
+                )
         with local_disk("cannot sync the journal"):
             self.journal.sync()
         node: Inode | None = inode
@@ -1073,8 +1153,9 @@ class GridFilesystem:
                 waiter = directory.round_done
                 self._want_publish(directory, urgent=True)
                 await waiter.wait()
-                if directory.failure is not None and self._pending_link(directory, node.name) is node:
-                    raise FsError(errno.EIO, f"directory update failed: {directory.failure}")
+                failure = self.publish_failures.get(directory.key)
+                if failure is not None and self._pending_link(directory, node.name) is node:
+                    raise FsError(errno.EIO, f"directory update failed: {failure.error}")
             node = directory.inode
 
     async def release(self, fh: int) -> None:
@@ -1133,8 +1214,9 @@ class GridFilesystem:
                     waiter = directory.round_done
                     self._want_publish(directory, urgent=True)
                     await waiter.wait()
-                    if directory.failure is not None:
-                        raise FsError(errno.EIO, f"directory update failed: {directory.failure}")
+                    failure = self.publish_failures.get(directory.key)
+                    if failure is not None:
+                        raise FsError(errno.EIO, f"directory update failed: {failure.error}")
 
     async def statfs(self) -> FsStats:
         async def ask(server) -> int:

@@ -43,7 +43,6 @@ class Inode:
     lookups: int = 0
     opens: int = 0
     directory: Directory | None = None  # for directories: their state
-    failure: str | None = None  # why the last upload of this inode failed
     written_ns: int | None = None  # time of a write not yet folded into `metadata` (keeps writes cheap)
     local_seen: int = 0  # the parent's `reads` when `local` was made
     loop_target: str | None = None  # for a loop: the relative path to the directory it links ("." or "../..")
@@ -64,7 +63,6 @@ class Directory:
     round_done: trio.Event = field(default_factory=trio.Event)
     publisher_running: bool = False
     urgent: bool = False
-    failure: str | None = None
 
     def __post_init__(self) -> None:
         self.key = self.cap.to_string()

@@ -198,6 +198,12 @@ class Operations(Protocol):
 
     async def removexattr(self, inode: int, name: str) -> None: ...
 
+    async def queue_state(self) -> dict[str, Any]:
+        """What the write-back queue holds, JSON-able: `changes` pending, and for `uploads` and `publishes` how
+        many are `waiting`, `in_flight`, and the `failing` ones (`item` path, last `error`, `attempts`, and
+        `next_try_in` seconds, or "never ..." for an error that is not the grid's, which is not retried)."""
+        ...
+
     async def finish_uploads(self, give_up_after: float | None) -> int:
         """Wait until the root's changes are on the grid, giving up once nothing has moved for `give_up_after`
         seconds (None: the filesystem's own limit); how many changes stay queued for the next start."""

@@ -225,6 +225,7 @@ _METHODS = [
     _method("setxattr", ("inode", _int), ("name", _str), ("value", _bytes), ("flags", _int), attachment="value"),
     _method("listxattr", ("inode", _int)),
     _method("removexattr", ("inode", _int), ("name", _str)),
+    _method("queue_state"),
     _method("finish_uploads", ("give_up_after", _optional_number)),
 ]
 METHODS: dict[str, Method] = {method.name: method for method in _METHODS}

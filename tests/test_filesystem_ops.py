@@ -29,6 +29,7 @@ from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_files
 from grid_server.nodes import Directory
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
 from lafs_core.caps import parse_cap
+from lafs_core.errors import NotEnoughSharesError
 from lafs_core.grid.directory import linker, modify_directory, read_directory
 from lafs_core.grid.download import read_immutable
 from lafs_core.grid.mutable_io import create_mutable, retrieve
@@ -546,5 +547,61 @@ def test_content_unlinked_before_its_upload_is_never_uploaded(node):
         assert set(listing) == {"kept.bin", "linked.bin"}
         assert len(share_files(shares)) == before + 10  # linked.bin's shares only
         assert not scratch_copy.exists()
+
+    run(node, body)
+
+
+def test_failing_uploads_and_publishes_are_state_not_loops(node, monkeypatch):
+    """A grid error is retried after a back-off that doubles, and shown with its error, tries and next try; a bug
+    (any other error) is shown as failed and not retried on its own; a drain tries everything again."""
+    failing: dict[str, BaseException | None] = {"upload": None, "publish": None}
+    calls = {"upload": 0, "publish": 0}
+    upload, modify = filesystem.upload_immutable, filesystem.modify_directory
+
+    async def flaky_upload(*args: Any) -> Any:
+        calls["upload"] += 1
+        if failing["upload"] is not None:
+            raise failing["upload"]
+        return await upload(*args)
+
+    async def flaky_modify(*args: Any) -> Any:
+        calls["publish"] += 1
+        if failing["publish"] is not None:
+            raise failing["publish"]
+        return await modify(*args)
+
+    monkeypatch.setattr(filesystem, "upload_immutable", flaky_upload)
+    monkeypatch.setattr(filesystem, "modify_directory", flaky_modify)
+
+    async def body(fs: GridFilesystem) -> None:
+        failing["upload"] = NotEnoughSharesError("the grid is down")
+        await write_file(fs, ROOT_INODE, "big.bin", os.urandom(100_000), sync=False)
+        await trio.sleep(0.5)
+        (upload_state,) = (await fs.queue_state())["uploads"]["failing"]
+        assert upload_state["item"] == "/big.bin" and upload_state["error"] == "the grid is down"
+        assert upload_state["attempts"] == 1 and 1 < upload_state["next_try_in"] <= 2
+        await trio.sleep(2.5)  # the back-off is over: tried again, and the next wait is twice as long
+        (upload_state,) = (await fs.queue_state())["uploads"]["failing"]
+        assert upload_state["attempts"] == 2 and 2 < upload_state["next_try_in"] <= 4
+
+        failing["upload"], failing["publish"] = None, RuntimeError("a bug")
+        assert not await fs.drain(give_up_after=1.5)  # the drain retries the upload at once; the publish fails
+        state = await fs.queue_state()
+        assert state["uploads"]["failing"] == [] and state["changes"] == 1
+        (publish_state,) = state["publishes"]["failing"]
+        assert publish_state["item"] == "/" and publish_state["error"] == "a bug"
+        assert publish_state["next_try_in"].startswith("never")
+        tried = calls["publish"]
+        await trio.sleep(3)
+        assert calls["publish"] == tried  # not retried in a loop
+
+        failing["publish"] = None
+        assert await fs.drain()
+        assert await fs.queue_state() == {
+            "changes": 0,
+            "uploads": {"waiting": 0, "in_flight": 0, "failing": []},
+            "publishes": {"waiting": 0, "in_flight": 0, "failing": []},
+        }
+        assert set(await grid_listing(fs, node[1])) == {"big.bin"}
 
     run(node, body)
