@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat
 import time
@@ -78,6 +79,7 @@ log = logging.getLogger("blackmatch.filesystem")
 CAP_XATTR, READCAP_XATTR = "user.tahoe.cap", "user.tahoe.readcap"
 READDIR_BATCH = 512
 PUBLISH_COALESCE = 0.05  # seconds a directory waits for more changes before it publishes
+PUBLISHES_AT_ONCE = 8  # directory updates in flight at once, each in a task that ends with it
 DRAIN_CHECK = 1.0  # seconds between a drain's looks at whether anything moved
 DRAIN_GIVE_UP = 120.0  # seconds a drain waits while nothing moves (the grid is unreachable) before it gives up
 DRAIN_AGAIN = 10.0  # what a drain waits instead when an earlier one gave up and nothing has moved since
@@ -143,6 +145,9 @@ class GridFilesystem:
         self._queued: set[str] = set()
         self._uploading: set[str] = set()  # local files being uploaded now
         self._publishing: set[str] = set()  # directories being published now
+        self._publish_due: dict[str, float] = {}  # directories to publish, and from when (a moment to coalesce)
+        self._publish_wanted = trio.Event()  # wakes the publisher: a directory to publish, or a publish ended
+        self._round_done: dict[str, trio.Event] = {}  # for waiters (fsync): set when the directory's publish ends
         self.upload_failures: Failures[str] = Failures()  # by local file
         self.publish_failures: Failures[str] = Failures()  # by directory
         self._failure_noted = trio.Event()  # wakes the retry task: a back-off to wait for
@@ -161,6 +166,7 @@ class GridFilesystem:
         await self._replay_journal()
         self.nursery.start_soon(self._fsync_closed_files)
         self.nursery.start_soon(self._retry_failures)
+        self.nursery.start_soon(self._publisher)
         for _ in range(self.options.upload_workers):
             self.nursery.start_soon(self._upload_worker)
 
@@ -571,30 +577,55 @@ class GridFilesystem:
             self._record_link(inode.parent, inode.name, inode)
 
     def _want_publish(self, directory: Directory, urgent: bool = False) -> None:
-        directory.request_publish(urgent)
-        if not directory.publisher_running:
-            directory.publisher_running = True
-            self.nursery.start_soon(self._publisher, directory)
+        """Have the directory's ready changes published: at once if urgent, else after PUBLISH_COALESCE, so that
+        the changes made meanwhile go in the same update."""
+        at = trio.current_time() + (0 if urgent else PUBLISH_COALESCE)
+        self._publish_due[directory.key] = min(at, self._publish_due.get(directory.key, at))
+        self._publish_wanted.set()
 
-    async def _publisher(self, directory: Directory) -> None:
-        """Publish the directory's ready changes, many names in one update, for as long as any come."""
-        while True:
-            await directory.publish_wanted.wait()
-            directory.publish_wanted = trio.Event()
-            if not directory.urgent:
-                await trio.sleep(PUBLISH_COALESCE)
-            directory.urgent = False
+    async def _publish_round(self, directory: Directory) -> None:
+        """Ask for the directory to be published now, and wait until that publish (or the one running) ends."""
+        done = self._round_done.setdefault(directory.key, trio.Event())
+        self._want_publish(directory, urgent=True)
+        await done.wait()
+
+    async def _publisher(self) -> None:
+        """The root's one publisher: publishes each directory once it is due, PUBLISHES_AT_ONCE at most at a time,
+        a directory never twice at once (asked for again meanwhile, it is published again after)."""
+        slots = trio.Semaphore(PUBLISHES_AT_ONCE)
+        async with trio.open_nursery() as running:
+            while True:
+                wanted = self._publish_wanted
+                now = trio.current_time()
+                waiting = {key: at for key, at in self._publish_due.items() if key not in self._publishing}
+                for key in [key for key, at in waiting.items() if at <= now]:
+                    await slots.acquire()
+                    del self._publish_due[key]
+                    self._publishing.add(key)
+                    running.start_soon(self._publish_directory, self.directories[key], slots)
+                next_due = min(
+                    (at for key, at in self._publish_due.items() if key not in self._publishing), default=math.inf
+                )
+                with trio.move_on_at(next_due):
+                    await wanted.wait()
+                if wanted.is_set():
+                    self._publish_wanted = trio.Event()
+
+    async def _publish_directory(self, directory: Directory, slots: trio.Semaphore) -> None:
+        """One publish of the directory's ready changes (many names in one update), and its waiters woken."""
+        try:
             ready = self.write_back.ready(directory.key)
             if ready:
-                self._publishing.add(directory.key)
-                try:
-                    await self._publish(directory, ready)
-                finally:
-                    self._publishing.discard(directory.key)
-            done, directory.round_done = directory.round_done, trio.Event()
-            done.set()
-            if not self._pending_in(directory):
-                self._maybe_compact()
+                await self._publish(directory, ready)
+        finally:
+            self._publishing.discard(directory.key)
+            slots.release()
+            done = self._round_done.pop(directory.key, None)
+            if done is not None:
+                done.set()
+            self._publish_wanted.set()
+        if not self._pending_in(directory):
+            self._maybe_compact()
 
     async def _publish(self, directory: Directory, ready: dict[str, Change]) -> None:
         """Publish the ready changes in one directory update."""
@@ -1150,9 +1181,7 @@ class GridFilesystem:
         while node is not None and node.parent is not None:
             directory = node.parent
             while self._pending_link(directory, node.name) is node:
-                waiter = directory.round_done
-                self._want_publish(directory, urgent=True)
-                await waiter.wait()
+                await self._publish_round(directory)
                 failure = self.publish_failures.get(directory.key)
                 if failure is not None and self._pending_link(directory, node.name) is node:
                     raise FsError(errno.EIO, f"directory update failed: {failure.error}")
@@ -1211,9 +1240,7 @@ class GridFilesystem:
                 await self._sync_inode(item)
             else:
                 while isinstance(self.write_back.change(directory.key, name), Removal):
-                    waiter = directory.round_done
-                    self._want_publish(directory, urgent=True)
-                    await waiter.wait()
+                    await self._publish_round(directory)
                     failure = self.publish_failures.get(directory.key)
                     if failure is not None:
                         raise FsError(errno.EIO, f"directory update failed: {failure.error}")

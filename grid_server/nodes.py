@@ -59,10 +59,6 @@ class Directory:
     inodes: dict[str, Inode] = field(default_factory=dict)  # live inodes linked here, by name (every pending link's)
     inode: Inode | None = None  # this directory's own inode, when known
     refresh_lock: trio.Lock = field(default_factory=trio.Lock)
-    publish_wanted: trio.Event = field(default_factory=trio.Event)
-    round_done: trio.Event = field(default_factory=trio.Event)
-    publisher_running: bool = False
-    urgent: bool = False
 
     def __post_init__(self) -> None:
         self.key = self.cap.to_string()
@@ -94,7 +90,3 @@ class Directory:
         if name in pending:
             return not isinstance(pending[name], Removal)
         return self.listing is not None and name in self.listing
-
-    def request_publish(self, urgent: bool = False) -> None:
-        self.urgent = self.urgent or urgent
-        self.publish_wanted.set()
