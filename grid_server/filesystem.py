@@ -16,6 +16,7 @@ import math
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ DRAIN_CHECK = 1.0  # seconds between a drain's looks at whether anything moved
 DRAIN_GIVE_UP = 120.0  # seconds a drain waits while nothing moves (the grid is unreachable) before it gives up
 DRAIN_AGAIN = 10.0  # what a drain waits instead when an earlier one gave up and nothing has moved since
 NAME_MAX = 255
+
+
+def _views_slack(bound: int) -> int:
+    """How many views past the bound may come before the next eviction."""
+    return max(16, bound // 4)
+
+
 BLOCK = 4096
 
 
@@ -102,6 +110,7 @@ class FilesystemOptions:
     cache_timeout: float = 5.0  # directory listings older than this are re-read from the grid
     cache_size: int = 1 << 30  # bytes of downloaded file content kept on disk
     upload_workers: int = 3
+    directory_views: int = 1000  # directory listings kept once nothing uses them (least recently used go first)
 
 
 @dataclass(eq=False)
@@ -133,7 +142,10 @@ class GridFilesystem:
         self.journal = WriteJournal(state_dir / "journal")
         self.uid, self.gid = os.getuid(), os.getgid()
         self.inodes: dict[int, Inode] = {}
-        self.directories: dict[str, Directory] = {}
+        # Directory views by cap string, least recently used first: the ones nothing uses (see `_in_use`) go
+        # beyond options.directory_views, so a walk of a big tree does not keep every listing it read.
+        self.directories: OrderedDict[str, Directory] = OrderedDict()
+        self._evict_at = self.options.directory_views + _views_slack(self.options.directory_views)
         self.handles: dict[int, _Handle] = {}
         self.local_owners: dict[str, set[Inode]] = {}
         self.upload_locks: dict[str, trio.Lock] = {}
@@ -261,8 +273,14 @@ class GridFilesystem:
 
     def check(self) -> None:
         """Raise AssertionError unless the write-back state is consistent, in itself and with the inodes: every
-        pending link's inode is linked at its name, and every link waiting for content has that local file."""
+        pending link's inode is linked at its name, and every link waiting for content has that local file; and
+        no view an inode uses was let go."""
         self.write_back.check()
+        for inode in self.inodes.values():
+            for view in (inode.directory, inode.parent):
+                assert view is None or self.directories.get(view.key) is view, f"inode {inode.number}: view let go"
+            if inode.parent is not None:
+                assert inode.parent.inodes.get(inode.name) is inode, f"inode {inode.number} is not at its name"
         for key in self.write_back.directories():
             directory = self.directories[key]
             for name, change in self.write_back.pending_in(key).items():
@@ -285,7 +303,37 @@ class GridFilesystem:
         directory = self.directories.get(key)
         if directory is None:
             directory = self.directories[key] = Directory(cap)
+            if len(self.directories) > self._evict_at:
+                self._evict_directories()
+        else:
+            self.directories.move_to_end(key)
         return directory
+
+    def _evict_directories(self) -> None:
+        """Let the least recently used views nothing uses go, down to the bound. A look at every view costs time
+        in proportion to them all, so the next look waits until as many views again as the slack have come."""
+        bound = self.options.directory_views
+        for key, directory in list(self.directories.items()):
+            if len(self.directories) <= bound:
+                break
+            if not self._in_use(directory):
+                del self.directories[key]
+        self._evict_at = max(bound, len(self.directories)) + _views_slack(bound)
+
+    def _in_use(self, directory: Directory) -> bool:
+        """Whether the view must stay: its listing is being read, it has changes to publish (or failed to), or an
+        inode refers to it (its own, or one linked in it), which the kernel may still ask about."""
+        key = directory.key
+        return (
+            bool(directory.inodes)
+            or (directory.inode is not None and self.inodes.get(directory.inode.number) is directory.inode)
+            or bool(self.write_back.pending_in(key))
+            or key in self._publish_due
+            or key in self._publishing
+            or key in self._round_done
+            or self.publish_failures.get(key) is not None
+            or directory.refresh_lock.locked()
+        )
 
     def _new_inode(self, kind: str, cap: Cap | None, metadata: dict[str, Any]) -> Inode:
         inode = Inode(self._next_inode, kind, cap, metadata)
@@ -311,6 +359,8 @@ class GridFilesystem:
 
     async def _fresh(self, directory: Directory) -> Directory:
         """The directory with a listing no older than the cache timeout."""
+        if directory.key in self.directories:
+            self.directories.move_to_end(directory.key)
         if directory.stale(self.options.cache_timeout):
             async with directory.refresh_lock:
                 if directory.stale(self.options.cache_timeout):

@@ -28,9 +28,10 @@ from grid_server import filesystem
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
 from grid_server.nodes import Directory
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
-from lafs_core.caps import parse_cap
+from lafs_core.caps import LiteralCap, parse_cap
+from lafs_core.dirnode import child_entry
 from lafs_core.errors import NotEnoughSharesError
-from lafs_core.grid.directory import linker, modify_directory, read_directory
+from lafs_core.grid.directory import create_immutable_directory, linker, modify_directory, read_directory
 from lafs_core.grid.download import read_immutable
 from lafs_core.grid.mutable_io import create_mutable, retrieve
 from lafs_core.grid.nodedir import NodeDirectory
@@ -605,3 +606,31 @@ def test_failing_uploads_and_publishes_are_state_not_loops(node, monkeypatch):
         assert set(await grid_listing(fs, node[1])) == {"big.bin"}
 
     run(node, body)
+
+
+def test_directory_views_nothing_uses_are_let_go(node):
+    """A walk of many directories (find, ls -lR) keeps the listings of the ones in use only, plus a bounded number
+    of others: each directory's view goes once the kernel forgets it, and a later walk reads it again."""
+    options = dataclasses.replace(OPTIONS, directory_views=4)
+
+    async def main() -> None:
+        async with open_filesystem(node[0], node[1], options) as fs:
+            names = [f"d{index:02d}" for index in range(60)]
+            children = {}
+            for name in names:
+                inner = {
+                    "inner": child_entry(LiteralCap(name.encode() * 20), {})
+                }  # a CHK directory, read from the grid
+                children[name] = child_entry(await create_immutable_directory(fs.grid, inner), {})
+            await modify_directory(fs.grid, parse_cap(node[1]), lambda _: children)  # type: ignore[arg-type]
+            for _walk in range(2):
+                expire_listing(fs.root.directory)
+                for name in names:
+                    directory = await fs.lookup(ROOT_INODE, name)
+                    inner = await fs.lookup(directory.inode, "inner")
+                    assert await read_file(fs, inner.inode) == name.encode() * 20
+                    await fs.forget([(inner.inode, 1), (directory.inode, 1)])
+                assert len(fs.directories) <= 4 + 16  # the bound, and the slack before views are looked at again
+                fs.check()
+
+    trio.run(main)
