@@ -285,11 +285,11 @@ class GridFilesystem:
             directory = self.directories[key]
             for name, change in self.write_back.pending_in(key).items():
                 if isinstance(change, Link):
-                    inode = directory.inodes.get(name)
-                    assert inode is not None and inode.parent is directory and inode.name == name, change
-                    assert self.inodes.get(inode.number) is inode, f"the inode of {change} is not in the table"
+                    linked = directory.inodes.get(name)
+                    assert linked is not None and linked.parent is directory and linked.name == name, change
+                    assert self.inodes.get(linked.number) is linked, f"the inode of {change} is not in the table"
                     if change.local is not None:
-                        assert inode.local is not None and inode.local.id == change.local, change
+                        assert linked.local is not None and linked.local.id == change.local, change
 
     def close(self) -> None:
         self.journal.close()
@@ -430,10 +430,14 @@ class GridFilesystem:
             kind, loop_target = LOOP, "/".join([".."] * levels) or "."
         inode = directory.inodes.get(name)
         settled = inode is not None and inode.opens == 0 and self._settled(inode)
-        if settled and (
-            inode.cap is None
-            or inode.cap.to_string() != cap.to_string()
-            or (inode.kind, inode.loop_target) != (kind, loop_target)
+        if (
+            inode is not None
+            and settled
+            and (
+                inode.cap is None
+                or inode.cap.to_string() != cap.to_string()
+                or (inode.kind, inode.loop_target) != (kind, loop_target)
+            )
         ):
             self._detach(inode)  # replaced elsewhere, or a loop made or broken: a new inode for what it is now
             inode = None
