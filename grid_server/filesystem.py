@@ -313,7 +313,7 @@ class GridFilesystem:
         """Let the least recently used views nothing uses go, down to the bound. A look at every view costs time
         in proportion to them all, so the next look waits until as many views again as the slack have come."""
         bound = self.options.directory_views
-        for key, directory in list(self.directories.items()):
+        for key, directory in list(self.directories.items())[:-1]:  # the newest is the one being handed out
             if len(self.directories) <= bound:
                 break
             if not self._in_use(directory):
@@ -409,7 +409,7 @@ class GridFilesystem:
 
     def _pending_link(self, directory: Directory, name: str) -> Inode | None:
         """The inode whose link at `name` is pending in the directory, if that is the name's pending change."""
-        return directory.inodes[name] if isinstance(self.write_back.change(directory.key, name), Link) else None
+        return directory.inodes.get(name) if isinstance(self.write_back.change(directory.key, name), Link) else None
 
     def _entry_pending(self, inode: Inode) -> bool:
         """Whether the inode's own entry is still to be published."""

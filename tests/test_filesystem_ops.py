@@ -623,6 +623,9 @@ def test_directory_views_nothing_uses_are_let_go(node):
                 }  # a CHK directory, read from the grid
                 children[name] = child_entry(await create_immutable_directory(fs.grid, inner), {})
             await modify_directory(fs.grid, parse_cap(node[1]), lambda _: children)  # type: ignore[arg-type]
+            held = [await fs.lookup(ROOT_INODE, name) for name in names[:30]]  # more in use than the bound
+            fs.check()
+            await fs.forget([(directory.inode, 1) for directory in held])
             for _walk in range(2):
                 expire_listing(fs.root.directory)
                 for name in names:
