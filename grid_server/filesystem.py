@@ -503,6 +503,7 @@ class GridFilesystem:
         if not owners:
             self.local_owners.pop(local.id, None)
             self.upload_locks.pop(local.id, None)
+            self.upload_failures.succeeded(local.id)  # nothing left to upload: no failure to show
             local.remove()
 
     # --- attributes ---------------------------------------------------------------------------------------

@@ -596,7 +596,15 @@ def test_failing_uploads_and_publishes_are_state_not_loops(node, monkeypatch):
         await trio.sleep(3)
         assert calls["publish"] == tried  # not retried in a loop
 
-        failing["publish"] = None
+        failing["upload"] = RuntimeError("another bug")
+        scratch = await write_file(fs, ROOT_INODE, "scratch", os.urandom(100_000), sync=False)
+        await trio.sleep(0.5)
+        assert [item["item"] for item in (await fs.queue_state())["uploads"]["failing"]] == ["/scratch"]
+        await fs.unlink(ROOT_INODE, "scratch")
+        await fs.forget([(scratch, 1)])
+        assert (await fs.queue_state())["uploads"]["failing"] == []  # its content is gone: nothing to retry
+
+        failing["upload"] = failing["publish"] = None
         assert await fs.drain()
         assert await fs.queue_state() == {
             "changes": 0,
