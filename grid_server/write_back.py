@@ -65,9 +65,6 @@ class WriteBack:
         """The local files some pending link waits for: content the grid lacks, which must stay on disk."""
         return set(self._waiting)
 
-    def is_waited_for(self, local: str) -> bool:
-        return local in self._waiting
-
     def count(self) -> int:
         """How many changes are pending."""
         return self._count
@@ -102,8 +99,8 @@ class WriteBack:
         names[change.name] = change
         self._seq = max(self._seq, change.seq)
         if isinstance(change, Link) and change.local is not None:
-            # Recorded while the local file held content the grid lacks: every link to that file waits for its
-            # next upload, even one an earlier upload had resolved (hard links share the file).
+            # Recorded while the local file held content the grid lacks: the link waits for that file's next
+            # upload, even when an earlier upload resolved an earlier link to it (the file was written again).
             self._waiting.setdefault(change.local, set()).add((change.directory, change.name))
 
     def mark_uploaded(self, local: str, cap: str) -> Uploaded:
