@@ -48,6 +48,7 @@ from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid, gather_per_server
 from lafs_core.grid.mutable_io import overwrite, retrieve
 from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.server_api import StorageServer
 from lafs_core.grid.upload import file_chunks, upload_immutable
 from lafs_core.immutable.params import LIT_THRESHOLD
 
@@ -1301,7 +1302,7 @@ class GridFilesystem:
                         raise FsError(errno.EIO, f"directory update failed: {failure.error}")
 
     async def statfs(self) -> FsStats:
-        async def ask(server) -> int:
+        async def ask(server: StorageServer) -> int:
             return (await server.get_version()).available_space
 
         results = await gather_per_server(self.grid.servers, ask, timeout=10)
