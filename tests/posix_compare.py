@@ -1,0 +1,110 @@
+"""The same case on tmpfs and on the mount: what Linux does is the expectation, not what we think POSIX says.
+
+    def test_unlink_of_a_directory(places: Places) -> None:
+        def case(root: Path) -> object:
+            (root / "d").mkdir()
+            return outcome(os.unlink, root / "d")          # ("error", "EISDIR") on both, or the test fails
+        places.same(case)
+
+`places` (module-scoped in a test module: `places = places_fixture()`) mounts one tmpfs and one blackmatch mount
+(this run's mode, embedded grid, `-o allow_other`) for the whole module; each call of `same` runs the case in a new
+empty directory of each and asserts the two results are equal. A case returns anything comparable: `outcome` turns
+an exception into its errno name, `kind_and_mode` and `stat_fields` keep the stat fields a comparison may use.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .mounting import Mount
+
+STAT_FIELDS = ("kind", "mode", "nlink", "uid", "gid", "size")
+KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "char",
+    stat.S_IFBLK: "block",
+}
+
+
+def outcome(function: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    """("ok", result) or ("error", errno name): what a call did, in a form both places can compare."""
+    try:
+        return "ok", function(*args, **kwargs)
+    except OSError as exc:
+        return "error", errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def stat_fields(path: Path | int, *fields: str, follow: bool = False) -> dict[str, Any]:
+    """The named fields (default STAT_FIELDS) of lstat(path) (stat with follow, fstat for a descriptor)."""
+    result = os.fstat(path) if isinstance(path, int) else os.stat(path) if follow else os.lstat(path)
+    values = {
+        "kind": KINDS.get(stat.S_IFMT(result.st_mode), "?"),
+        "mode": oct(stat.S_IMODE(result.st_mode)),
+        "nlink": result.st_nlink,
+        "uid": result.st_uid,
+        "gid": result.st_gid,
+        "size": result.st_size,
+        "rdev": result.st_rdev,
+        "ino": result.st_ino,
+        "atime_ns": result.st_atime_ns,
+        "mtime_ns": result.st_mtime_ns,
+        "ctime_ns": result.st_ctime_ns,
+    }
+    return {name: values[name] for name in fields or STAT_FIELDS}
+
+
+@dataclass
+class Places:
+    tmpfs: Path
+    mount: Path
+    _count: Iterator[int]
+
+    def fresh(self) -> tuple[Path, Path]:
+        """A new empty directory in each place (mode 0o777, so other uids can work in it too)."""
+        name = f"case{next(self._count)}"
+        pair = self.tmpfs / name, self.mount / name
+        for directory in pair:
+            directory.mkdir()
+            os.chmod(directory, 0o777)
+        return pair
+
+    def same(self, case: Callable[[Path], Any]) -> Any:
+        """Run `case` in a new directory on tmpfs, then on the mount; assert the results are equal; return it."""
+        on_tmpfs, on_mount = self.fresh()
+        expected = case(on_tmpfs)
+        got = case(on_mount)
+        assert got == expected, f"the mount gave {got!r}, tmpfs gave {expected!r}"
+        return got
+
+
+def places_fixture(*mount_args: str) -> Any:
+    """A module-scoped `places` fixture: a tmpfs and a mount with `-o allow_other` (and `mount_args`)."""
+
+    @pytest.fixture(scope="module")
+    def places(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Places]:
+        base = tmp_path_factory.mktemp("posix")
+        tmpfs = base / "tmpfs"
+        tmpfs.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0777", "tmpfs", str(tmpfs)], check=True)
+        try:
+            with Mount(base / "node", base / "mnt", "-o", "allow_other", *mount_args) as mount:
+                os.chmod(mount.mountpoint, 0o777)
+                yield Places(tmpfs, mount.mountpoint, itertools.count())
+        finally:
+            subprocess.run(["umount", "-l", str(tmpfs)], check=False)
+
+    return places
