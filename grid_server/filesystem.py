@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import stat
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -42,16 +40,16 @@ from lafs_core.grid.directory import (
     DirectoryError,
     create_directory,
     modify_directory,
-    read_directory,
 )
 from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid, gather_per_server
-from lafs_core.grid.mutable_io import overwrite, retrieve
+from lafs_core.grid.mutable_io import retrieve
 from lafs_core.grid.nodedir import NodeDirectory
 from lafs_core.grid.server_api import StorageServer
-from lafs_core.grid.upload import file_chunks, upload_immutable
 from lafs_core.immutable.params import LIT_THRESHOLD
 
+from .directory_views import DirectoryViews
+from .inode_table import HandleTable, InodeTable
 from .journal import WriteJournal
 from .journal_records import Change, Link, Record, Removal
 from .local_files import LocalFile, LocalFiles
@@ -72,25 +70,19 @@ from .operations import (
     FsError,
     FsStats,
 )
+from .publisher import Publisher
 from .read_cache import ReadCache
-from .retries import Failures
+from .uploader import Uploader
 from .write_back import WriteBack
 
 log = logging.getLogger("blackmatch.filesystem")
 
 CAP_XATTR, READCAP_XATTR = "user.tahoe.cap", "user.tahoe.readcap"
 READDIR_BATCH = 512
-PUBLISH_COALESCE = 0.05  # seconds a directory waits for more changes before it publishes
-PUBLISHES_AT_ONCE = 8  # directory updates in flight at once, each in a task that ends with it
 DRAIN_CHECK = 1.0  # seconds between a drain's looks at whether anything moved
 DRAIN_GIVE_UP = 120.0  # seconds a drain waits while nothing moves (the grid is unreachable) before it gives up
 DRAIN_AGAIN = 10.0  # what a drain waits instead when an earlier one gave up and nothing has moved since
 NAME_MAX = 255
-
-
-def _views_slack(bound: int) -> int:
-    """How many views past the bound may come before the next eviction."""
-    return max(16, bound // 4)
 
 
 BLOCK = 4096
@@ -114,13 +106,6 @@ class FilesystemOptions:
     directory_views: int = 1000  # directory listings kept once nothing uses them (least recently used go first)
 
 
-@dataclass(eq=False)
-class _Handle:
-    inode: Inode
-    writable: bool
-    names: list[str] | None = None  # for directory handles: the listing as it was at opendir
-
-
 class GridFilesystem:
     """The Operations interface over one grid, rooted at one directory cap."""
 
@@ -142,46 +127,35 @@ class GridFilesystem:
         self.read_cache = read_cache
         self.journal = WriteJournal(state_dir / "journal")
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.inodes: dict[int, Inode] = {}
-        # Directory views by cap string, least recently used first: the ones nothing uses (see `_in_use`) go
-        # beyond options.directory_views, so a walk of a big tree does not keep every listing it read.
-        self.directories: OrderedDict[str, Directory] = OrderedDict()
-        self._evict_at = self.options.directory_views + _views_slack(self.options.directory_views)
-        self.handles: dict[int, _Handle] = {}
-        self.local_owners: dict[str, set[Inode]] = {}
-        self.upload_locks: dict[str, trio.Lock] = {}
-        self._first_number = first_number
-        self._next_inode = max(first_number, ROOT_INODE + 1)
-        self._next_handle = max(first_number, 1)
         self.write_back = WriteBack()
-        self._uploads_send, self._uploads_receive = trio.open_memory_channel[LocalFile](1 << 20)
-        self._queued: set[str] = set()
-        self._uploading: set[str] = set()  # local files being uploaded now
-        self._publishing: set[str] = set()  # directories being published now
-        self._publish_due: dict[str, float] = {}  # directories to publish, and from when (a moment to coalesce)
-        self._publish_wanted = trio.Event()  # wakes the publisher: a directory to publish, or a publish ended
-        self._round_done: dict[str, trio.Event] = {}  # for waiters (fsync): set when the directory's publish ends
-        self.upload_failures: Failures[str] = Failures()  # by local file
-        self.publish_failures: Failures[str] = Failures()  # by directory
-        self._failure_noted = trio.Event()  # wakes the retry task: a back-off to wait for
+        self.publisher = Publisher(self._publish_directory, lambda key: bool(self.write_back.ready(key)))
+        self.uploader = Uploader(
+            grid,
+            options.upload_workers,
+            wanted=lambda local: local.writers == 0 and local.dirty and not self._orphaned(local),
+            mutable_cap=self._mutable_cap,
+            uploaded=self._uploaded,
+            skipped=self._note_progress,
+            find=lambda file_id: self.inodes.local_file(file_id),
+        )
+        self.directories = DirectoryViews(grid, options.directory_views, options.cache_timeout, self._in_use)
+        root_dir = self.directories.view(root)
+        self.root = Inode(ROOT_INODE, DIRECTORY, root, {}, directory=root_dir, lookups=1)
+        root_dir.inode = self.root
+        self.inodes = InodeTable(first_number, self.root)
+        self.handles = HandleTable(first_number)
         self._changed = trio.Event()
         self._done = 0  # uploads and publishes done: what a drain watches, with the grid's stored bytes
         self._gave_up_at: tuple[int, int] | None = None  # the progress mark when a drain last gave up
         self._closed_unsynced: dict[str, LocalFile] = {}  # closed files whose content is not fsynced yet
         self._closed_wanted = trio.Event()
-        root_dir = self._directory(root)
-        self.root = Inode(ROOT_INODE, DIRECTORY, root, {}, directory=root_dir, lookups=1)
-        root_dir.inode = self.root
-        self.inodes[ROOT_INODE] = self.root
 
     # --- start, drain, close -------------------------------------------------------------------------------
     async def start(self) -> None:
         await self._replay_journal()
         self.nursery.start_soon(self._fsync_closed_files)
-        self.nursery.start_soon(self._retry_failures)
-        self.nursery.start_soon(self._publisher)
-        for _ in range(self.options.upload_workers):
-            self.nursery.start_soon(self._upload_worker)
+        self.nursery.start_soon(self.publisher.run)
+        self.nursery.start_soon(self.uploader.run)
 
     async def drain(self, give_up_after: float = DRAIN_GIVE_UP) -> bool:
         """Wait until every change is on the grid; False once nothing has moved for `give_up_after` seconds (the
@@ -191,17 +165,16 @@ class GridFilesystem:
         A drain that starts where an earlier one gave up, nothing having moved since, waits only DRAIN_AGAIN
         seconds (a few upload retries) for something to move: the end of a mount, and then its grid server, each
         drain the same root, and a grid found down once is not waited out again by each of them."""
-        for inode in list(self.inodes.values()):
+        for inode in self.inodes:
             if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
-                self._queue_upload(inode.local)
-        self.publish_failures.retry_now(trio.current_time())
-        self._failure_noted.set()
+                self.uploader.queue(inode.local)
+        self.publisher.retries.retry_now()
         mark, quiet_since = self._progress_mark(), trio.current_time()
         patience = min(give_up_after, DRAIN_AGAIN) if mark == self._gave_up_at else give_up_after
         while self.outstanding():
             for key in self.write_back.directories():
-                if self.write_back.ready(key) and self.publish_failures.get(key) is None:  # (failing: retried)
-                    self._want_publish(self.directories[key], urgent=True)
+                if self.write_back.ready(key) and self.publisher.retries.failures.get(key) is None:  # (retried)
+                    self.publisher.want(key, urgent=True)
             changed = self._changed  # several drains may wait at once: each on the event current now
             with trio.move_on_after(DRAIN_CHECK):
                 await changed.wait()
@@ -220,29 +193,30 @@ class GridFilesystem:
         failing (why, how often, and in how many seconds they are tried again)."""
         now = trio.current_time()
         ready = [key for key in self.write_back.directories() if self.write_back.ready(key)]
+        upload_failures, publish_failures = self.uploader.retries.failures, self.publisher.retries.failures
         return {
             "changes": self.write_back.count(),
             "uploads": {
-                "waiting": len(self._queued),
-                "in_flight": len(self._uploading),
+                "waiting": self.uploader.waiting(),
+                "in_flight": self.uploader.in_flight(),
                 "failing": [
-                    self.upload_failures.describe(file_id, self._local_file_name(file_id), now)
-                    for file_id in self.upload_failures.failing()
+                    upload_failures.describe(file_id, self._local_file_name(file_id), now)
+                    for file_id in upload_failures.failing()
                 ],
             },
             "publishes": {
-                "waiting": len(set(ready) - self._publishing),
-                "in_flight": len(self._publishing),
+                "waiting": self.publisher.waiting(ready),
+                "in_flight": self.publisher.in_flight(),
                 "failing": [
-                    self.publish_failures.describe(key, self._path(self.directories[key].inode), now)
-                    for key in self.publish_failures.failing()
+                    publish_failures.describe(key, self._path(self.directories[key].inode), now)
+                    for key in publish_failures.failing()
                 ],
             },
         }
 
     def _local_file_name(self, file_id: str) -> str:
         """A failing upload as its user knows it: the path of a name it has (else the local file's id)."""
-        owners = sorted(self.local_owners.get(file_id, ()), key=lambda inode: inode.parent is None)
+        owners = sorted(self.inodes.owners(file_id), key=lambda inode: inode.parent is None)
         return self._path(owners[0]) if owners and owners[0].parent is not None else f"(local file {file_id})"
 
     def _path(self, inode: Inode | None) -> str:
@@ -270,14 +244,14 @@ class GridFilesystem:
         self._changed = trio.Event()
 
     def outstanding(self) -> int:
-        return self.write_back.count() + len(self._queued)
+        return self.write_back.count() + self.uploader.waiting()
 
     def check(self) -> None:
         """Raise AssertionError unless the write-back state is consistent, in itself and with the inodes: every
         pending link's inode is linked at its name, and every link waiting for content has that local file; and
         no view an inode uses was let go."""
         self.write_back.check()
-        for inode in self.inodes.values():
+        for inode in self.inodes:
             for view in (inode.directory, inode.parent):
                 assert view is None or self.directories.get(view.key) is view, f"inode {inode.number}: view let go"
             if inode.parent is not None:
@@ -288,98 +262,42 @@ class GridFilesystem:
                 if isinstance(change, Link):
                     linked = directory.inodes.get(name)
                     assert linked is not None and linked.parent is directory and linked.name == name, change
-                    assert self.inodes.get(linked.number) is linked, f"the inode of {change} is not in the table"
+                    assert self.inodes.holds(linked), f"the inode of {change} is not in the table"
                     if change.local is not None:
                         assert linked.local is not None and linked.local.id == change.local, change
 
     def close(self) -> None:
         self.journal.close()
-        for inode in self.inodes.values():
+        for inode in self.inodes:
             if inode.local is not None:
                 inode.local.close()
 
     # --- inodes and directories --------------------------------------------------------------------------
-    def _directory(self, cap: DirectoryCap) -> Directory:
-        key = cap.to_string()
-        directory = self.directories.get(key)
-        if directory is None:
-            directory = self.directories[key] = Directory(cap)
-            if len(self.directories) > self._evict_at:
-                self._evict_directories()
-        else:
-            self.directories.move_to_end(key)
-        return directory
-
-    def _evict_directories(self) -> None:
-        """Let the least recently used views nothing uses go, down to the bound. A look at every view costs time
-        in proportion to them all, so the next look waits until as many views again as the slack have come."""
-        bound = self.options.directory_views
-        for key, directory in list(self.directories.items())[:-1]:  # the newest is the one being handed out
-            if len(self.directories) <= bound:
-                break
-            if not self._in_use(directory):
-                del self.directories[key]
-        self._evict_at = max(bound, len(self.directories)) + _views_slack(bound)
-
     def _in_use(self, directory: Directory) -> bool:
         """Whether the view must stay: its listing is being read, it has changes to publish (or failed to), or an
         inode refers to it (its own, or one linked in it), which the kernel may still ask about."""
         key = directory.key
         return (
             bool(directory.inodes)
-            or (directory.inode is not None and self.inodes.get(directory.inode.number) is directory.inode)
+            or (directory.inode is not None and self.inodes.holds(directory.inode))
             or bool(self.write_back.pending_in(key))
-            or key in self._publish_due
-            or key in self._publishing
-            or key in self._round_done
-            or self.publish_failures.get(key) is not None
+            or self.publisher.busy(key)
             or directory.refresh_lock.locked()
         )
 
     def _new_inode(self, kind: str, cap: Cap | None, metadata: dict[str, Any]) -> Inode:
-        inode = Inode(self._next_inode, kind, cap, metadata)
-        self._next_inode += 1
-        self.inodes[inode.number] = inode
+        inode = self.inodes.add(kind, cap, metadata)
         if kind == DIRECTORY:
             assert isinstance(cap, DirectoryCap)
-            inode.directory = self._directory(cap)
+            inode.directory = self.directories.view(cap)
             inode.directory.inode = inode
         return inode
 
-    def _inode(self, number: int) -> Inode:
-        inode = self.inodes.get(number)
-        if inode is None:
-            raise FsError(errno.ESTALE, f"inode {number} is not known")
-        return inode
-
     def _dir_of(self, number: int) -> Directory:
-        inode = self._inode(number)
+        inode = self.inodes[number]
         if inode.directory is None:
             raise FsError(errno.ENOTDIR, "not a directory")
         return inode.directory
-
-    async def _fresh(self, directory: Directory) -> Directory:
-        """The directory with a listing no older than the cache timeout."""
-        if directory.key in self.directories:
-            self.directories.move_to_end(directory.key)
-        if directory.stale(self.options.cache_timeout):
-            async with directory.refresh_lock:
-                if directory.stale(self.options.cache_timeout):
-                    version = directory.listing_version
-                    try:
-                        listing = await read_directory(self.grid, directory.cap)
-                    except LafsError as exc:
-                        if directory.listing is None:
-                            raise FsError(errno.EIO, f"cannot read directory: {exc}") from None
-                        log.warning("directory re-read failed, using the last listing: %s", exc)
-                        directory.fetched_at = time.monotonic()
-                    else:
-                        # A publish that landed during the read left a newer listing (and dropped the pending
-                        # names it holds): the read's older one would hide them.
-                        if directory.listing_version == version:
-                            directory.set_listing(listing)
-                            directory.reads += 1
-        return directory
 
     @staticmethod
     def _kind_of(cap: Cap, metadata: dict[str, Any]) -> str:
@@ -462,14 +380,14 @@ class GridFilesystem:
             return True
         if local.writers:
             return False
-        return (not local.dirty and local.id not in self._queued) or self._orphaned(local)
+        return (not local.dirty and not self.uploader.queued(local.id)) or self._orphaned(local)
 
     def _orphaned(self, local: LocalFile) -> bool:
         """Whether every name of this new content is gone (unlinked, or renamed over): an upload of it would never
         be read, so none is made, and its disk space comes back once the last handle and lookup go. Temporary
         files, editors' swap files and the like then cost no upload. A mutable file's content is never orphaned:
         it is published to its cap, which other entries, mounts or clients may hold."""
-        owners = self.local_owners.get(local.id, ())
+        owners = self.inodes.owners(local.id)
         return not any(owner.parent is not None or isinstance(owner.cap, MutableWriteCap) for owner in owners)
 
     def _attach(self, inode: Inode, directory: Directory, name: str) -> None:
@@ -491,20 +409,14 @@ class GridFilesystem:
             return
         if inode.parent is not None and inode.parent.inodes.get(inode.name) is inode:
             del inode.parent.inodes[inode.name]
-        self.inodes.pop(inode.number, None)
+        self.inodes.remove(inode)
         if inode.local is not None:
             self._release_local(inode)
 
     def _release_local(self, inode: Inode) -> None:
-        local = inode.local
-        assert local is not None
-        inode.local = None
-        owners = self.local_owners.get(local.id, set())
-        owners.discard(inode)
-        if not owners:
-            self.local_owners.pop(local.id, None)
-            self.upload_locks.pop(local.id, None)
-            self.upload_failures.succeeded(local.id)  # nothing left to upload: no failure to show
+        local = self.inodes.take_local(inode)
+        if local is not None:  # its last owner: nothing left to upload
+            self.uploader.forget(local.id)
             local.remove()
 
     # --- attributes ---------------------------------------------------------------------------------------
@@ -600,12 +512,12 @@ class GridFilesystem:
         self._record_change(self.write_back.new_link(directory.key, name, inode.kind, metadata, cap, local))
         self._attach(inode, directory, name)
         if local is None:
-            self._want_publish(directory)
+            self.publisher.want(directory.key)
 
     def _record_removal(self, directory: Directory, name: str) -> None:
         """Record that `name` in `directory` is to go, journal first, as `_record_link`."""
         self._record_change(self.write_back.new_removal(directory.key, name))
-        self._want_publish(directory)
+        self.publisher.want(directory.key)
 
     def _record_change(self, change: Change) -> None:
         with local_disk("cannot record the change"):
@@ -623,7 +535,7 @@ class GridFilesystem:
 
     def _abandon(self, inode: Inode) -> None:
         """Let go of a new inode that never got its entry, and of its local copy."""
-        self.inodes.pop(inode.number, None)
+        self.inodes.remove(inode)
         if inode.local is not None:
             self._release_local(inode)
 
@@ -632,55 +544,12 @@ class GridFilesystem:
         if inode.parent is not None:
             self._record_link(inode.parent, inode.name, inode)
 
-    def _want_publish(self, directory: Directory, urgent: bool = False) -> None:
-        """Have the directory's ready changes published: at once if urgent, else after PUBLISH_COALESCE, so that
-        the changes made meanwhile go in the same update."""
-        at = trio.current_time() + (0 if urgent else PUBLISH_COALESCE)
-        self._publish_due[directory.key] = min(at, self._publish_due.get(directory.key, at))
-        self._publish_wanted.set()
-
-    async def _publish_round(self, directory: Directory) -> None:
-        """Ask for the directory to be published now, and wait until that publish (or the one running) ends."""
-        done = self._round_done.setdefault(directory.key, trio.Event())
-        self._want_publish(directory, urgent=True)
-        await done.wait()
-
-    async def _publisher(self) -> None:
-        """The root's one publisher: publishes each directory once it is due, PUBLISHES_AT_ONCE at most at a time,
-        a directory never twice at once (asked for again meanwhile, it is published again after)."""
-        slots = trio.Semaphore(PUBLISHES_AT_ONCE)
-        async with trio.open_nursery() as running:
-            while True:
-                wanted = self._publish_wanted
-                now = trio.current_time()
-                waiting = {key: at for key, at in self._publish_due.items() if key not in self._publishing}
-                for key in [key for key, at in waiting.items() if at <= now]:
-                    await slots.acquire()
-                    del self._publish_due[key]
-                    self._publishing.add(key)
-                    running.start_soon(self._publish_directory, self.directories[key], slots)
-                next_due = min(
-                    (at for key, at in self._publish_due.items() if key not in self._publishing), default=math.inf
-                )
-                with trio.move_on_at(next_due):
-                    await wanted.wait()
-                if wanted.is_set():
-                    self._publish_wanted = trio.Event()
-
-    async def _publish_directory(self, directory: Directory, slots: trio.Semaphore) -> None:
-        """One publish of the directory's ready changes (many names in one update), and its waiters woken."""
-        try:
-            ready = self.write_back.ready(directory.key)
-            if ready:
-                await self._publish(directory, ready)
-        finally:
-            self._publishing.discard(directory.key)
-            slots.release()
-            done = self._round_done.pop(directory.key, None)
-            if done is not None:
-                done.set()
-            self._publish_wanted.set()
-        if not self._pending_in(directory):
+    async def _publish_directory(self, key: str) -> None:
+        """One publish of the directory's ready changes (many names in one update); raises if it fails."""
+        ready = self.write_back.ready(key)
+        if ready:
+            await self._publish(self.directories[key], ready)
+        if not self.write_back.pending_in(key):
             self._maybe_compact()
 
     async def _publish(self, directory: Directory, ready: dict[str, Change]) -> None:
@@ -700,12 +569,7 @@ class GridFilesystem:
                     children[name] = child_entry(item.cap, metadata)
             return children
 
-        try:
-            listing = await modify_directory(self.grid, directory.cap, apply)
-        except Exception as exc:  # a background publish must never take the mount down
-            self._note_failure(self.publish_failures, directory.key, exc, "directory update")
-            return
-        self.publish_failures.succeeded(directory.key)
+        listing = await modify_directory(self.grid, directory.cap, apply)
         directory.set_listing(listing)
         published = self.write_back.mark_published(change for change, _item in batch.values())
         done = set(published.seqs)
@@ -726,44 +590,8 @@ class GridFilesystem:
         except OSError as exc:
             log.warning("cannot journal %s (it is redone after a restart): %s", type(record).__name__, exc)
 
-    def _note_failure(self, failures: Failures[str], key: str, exc: Exception, what: str) -> None:
-        """Keep a failed upload or publish as state, and log it: a grid error to retry after its back-off, any
-        other error (a bug) with its traceback, not retried until something asks for it again."""
-        failure = failures.failed(key, exc, trio.current_time())
-        if failure.next_try is None:
-            log.error("%s failed by an unexpected error; not retried on its own", what, exc_info=exc)
-        else:
-            wait = failure.next_try - trio.current_time()
-            log.warning("%s failed (%d tries), next try in %.0f s: %s", what, failure.attempts, wait, exc)
-            self._failure_noted.set()
-
-    async def _retry_failures(self) -> None:
-        """Try again each failed upload and publish once its back-off is over."""
-        while True:
-            noted = self._failure_noted
-            with trio.move_on_at(min(self.upload_failures.next_due(), self.publish_failures.next_due())):
-                await noted.wait()
-            if noted.is_set():
-                self._failure_noted = trio.Event()
-            now = trio.current_time()
-            for file_id in self.upload_failures.take_due(now):
-                local = self._local_file(file_id)
-                if local is not None and local.dirty and local.writers == 0:
-                    self._queue_upload(local)
-                else:  # written again (its last close queues it) or gone
-                    self.upload_failures.succeeded(file_id)
-            for key in self.publish_failures.take_due(now):
-                if self.write_back.ready(key):
-                    self._want_publish(self.directories[key])
-                else:
-                    self.publish_failures.succeeded(key)
-
-    def _local_file(self, file_id: str) -> LocalFile | None:
-        owner = next(iter(self.local_owners.get(file_id, ())), None)
-        return owner.local if owner is not None else None
-
     def _maybe_compact(self) -> None:
-        if not self.write_back.count() and not self._queued:
+        if not self.write_back.count() and not self.uploader.waiting():
             try:
                 self.journal.rewrite([])
             except OSError as exc:  # the journal as it was still replays to the same state
@@ -791,7 +619,7 @@ class GridFilesystem:
                     log.warning("a queued change names a malformed cap (%s); skipped", exc)
                     self.write_back.forget(change)
         for local in content.values():
-            self._queue_upload(local)
+            self.uploader.queue(local)
         if self.write_back.count():
             log.info("resuming %d queued changes from the last run", self.write_back.count())
 
@@ -800,15 +628,14 @@ class GridFilesystem:
         directory_cap = parse_cap(change.directory)
         if not isinstance(directory_cap, DirectoryCap):
             raise LafsError("the directory of a queued change is not a directory cap")
-        directory = self._directory(directory_cap)
+        directory = self.directories.view(directory_cap)
         if isinstance(change, Link):
             inode = self._new_inode(change.kind, parse_cap(change.cap) if change.cap else None, dict(change.metadata))
             if change.local is not None:
-                inode.local = content[change.local]
-                self.local_owners.setdefault(change.local, set()).add(inode)
+                self.inodes.give_local(inode, content[change.local])
             self._attach(inode, directory, change.name)
         if self.write_back.ready(directory.key).get(change.name) == change:
-            self._want_publish(directory)
+            self.publisher.want(directory.key)
 
     # --- uploads ------------------------------------------------------------------------------------------
     async def _fsync_closed_files(self) -> None:
@@ -825,53 +652,19 @@ class GridFilesystem:
             descriptors = [os.dup(fd) for fd in open_fds]
             await trio.to_thread.run_sync(fsync_and_close, descriptors, self.local_files.directory)
 
-    def _queue_upload(self, local: LocalFile) -> None:
-        if local.id not in self._queued:
-            self._queued.add(local.id)
-            self._uploads_send.send_nowait(local)
+    def _mutable_cap(self, local: LocalFile) -> MutableWriteCap | None:
+        """The write cap a local copy's content is published to, when it is a mutable file's."""
+        return next((o.cap for o in self.inodes.owners(local.id) if isinstance(o.cap, MutableWriteCap)), None)
 
-    async def _upload_worker(self) -> None:
-        async for local in self._uploads_receive:
-            self._queued.discard(local.id)
-            if local.writers == 0 and local.dirty and not self._orphaned(local):
-                await self._upload(local)
-            else:
-                self.upload_failures.succeeded(local.id)
-                self._note_progress()  # nothing to do after all: one change less outstanding
-
-    async def _upload(self, local: LocalFile) -> None:
-        """Upload the local file's current content and give its owners the new cap."""
-        lock = self.upload_locks.setdefault(local.id, trio.Lock())
-        async with lock:
-            if not local.dirty or local.fd < 0:
-                return
-            version, size = local.version, local.size
-            owners = self.local_owners.get(local.id, set())
-            mutable = next((o.cap for o in owners if isinstance(o.cap, MutableWriteCap)), None)
-            self._uploading.add(local.id)
-            try:
-                if mutable is not None:
-                    data = await trio.to_thread.run_sync(local.pread, 0, size)
-                    await overwrite(self.grid, mutable, data)
-                    cap: Cap = mutable
-                else:
-                    cap = await upload_immutable(self.grid, size, file_chunks(local.path))
-            except Exception as exc:  # a background upload must never take the mount down
-                if local.version == version:  # (else changed under the upload: the next close uploads it again)
-                    self._note_failure(self.upload_failures, local.id, exc, "upload")
-                return
-            finally:
-                self._uploading.discard(local.id)
-            self.upload_failures.succeeded(local.id)
-            if local.version != version:
-                return  # written again meanwhile: the next close uploads the newer content
-            local.uploaded_version = version
-            self._record_progress(self.write_back.mark_uploaded(local.id, cap.to_string()))
-            for owner in owners:
-                owner.cap = cap
-                if owner.parent is not None and self._entry_pending(owner):
-                    self._want_publish(owner.parent)
-            self._note_progress()
+    def _uploaded(self, local: LocalFile, version: int, cap: Cap) -> None:
+        """The content of that version is on the grid at `cap`: its owners' entries get the cap."""
+        local.uploaded_version = version
+        self._record_progress(self.write_back.mark_uploaded(local.id, cap.to_string()))
+        for owner in self.inodes.owners(local.id):
+            owner.cap = cap
+            if owner.parent is not None and self._entry_pending(owner):
+                self.publisher.want(owner.parent.key)
+        self._note_progress()
 
     # --- content ------------------------------------------------------------------------------------------
     async def _content(self, cap: Cap | None, sink: Callable[[bytes], Any]) -> None:
@@ -911,14 +704,13 @@ class GridFilesystem:
             except BaseException:
                 local.remove()
                 raise
-        inode.local = local
+        self.inodes.give_local(inode, local)
         inode.local_seen = inode.parent.reads if inode.parent is not None else 0
-        self.local_owners.setdefault(local.id, set()).add(inode)
         return local
 
     # --- operations: lookup and attributes -------------------------------------------------------------------
     async def lookup(self, parent: int, name: str) -> Attributes:
-        directory = await self._fresh(self._dir_of(parent))
+        directory = await self.directories.fresh(self._dir_of(parent))
         inode = self._child(directory, name)
         if inode is None:
             raise FsError(errno.ENOENT)
@@ -934,15 +726,15 @@ class GridFilesystem:
                 self._maybe_drop(inode)
 
     async def getattr(self, inode: int) -> Attributes:
-        node = self._inode(inode)
+        node = self.inodes[inode]
         if node.parent is not None and node.parent.stale(self.options.cache_timeout):
-            directory = await self._fresh(node.parent)
+            directory = await self.directories.fresh(node.parent)
             if node.name not in self._pending_in(directory):
                 self._child(directory, node.name)  # picks up a new version written elsewhere
         return await self._attributes(node)
 
     async def setattr(self, inode: int, changes: AttrChanges, fh: int | None) -> Attributes:
-        node = self._inode(inode)
+        node = self.inodes[inode]
         self._check_writable(node.parent)
         if node.number == ROOT_INODE and changes.size is None:
             return await self._attributes(node)  # the root has no entry to keep attributes in
@@ -956,7 +748,7 @@ class GridFilesystem:
                 local.truncate(changes.size)
             fields.mtime_ns = now
             if local.writers == 0:
-                self._queue_upload(local)
+                self.uploader.queue(local)
         if changes.mode is not None:
             fields.mode = changes.mode & 0o7777
         if changes.uid is not None:
@@ -970,7 +762,7 @@ class GridFilesystem:
         return await self._attributes(node)
 
     async def readlink(self, inode: int) -> str:
-        node = self._inode(inode)
+        node = self.inodes[inode]
         if node.loop_target is not None:
             return node.loop_target
         if node.kind != SYMLINK:
@@ -987,7 +779,7 @@ class GridFilesystem:
     # --- operations: names --------------------------------------------------------------------------------
     async def _new_entry_checks(self, parent: int, name: str) -> Directory:
         self._check_name(name)
-        directory = await self._fresh(self._dir_of(parent))
+        directory = await self.directories.fresh(self._dir_of(parent))
         self._check_writable(directory)
         if directory.has(name, self._pending_in(directory)):
             raise FsError(errno.EEXIST)
@@ -1032,7 +824,7 @@ class GridFilesystem:
                 raise
         self._enter_new(directory, name, inode)
         if inode.local is not None:
-            self._queue_upload(inode.local)
+            self.uploader.queue(inode.local)
         inode.lookups += 1
         return await self._attributes(inode)
 
@@ -1055,7 +847,7 @@ class GridFilesystem:
         await self._remove(parent, name, directory_wanted=True)
 
     async def _remove(self, parent: int, name: str, directory_wanted: bool) -> None:
-        directory = await self._fresh(self._dir_of(parent))
+        directory = await self.directories.fresh(self._dir_of(parent))
         self._check_writable(directory)
         inode = self._child(directory, name)
         if inode is None:
@@ -1066,7 +858,7 @@ class GridFilesystem:
             raise FsError(errno.EISDIR)
         if directory_wanted:
             assert inode.directory is not None
-            child = await self._fresh(inode.directory)
+            child = await self.directories.fresh(inode.directory)
             if child.names(self._pending_in(child)):
                 raise FsError(errno.ENOTEMPTY)
         self._record_removal(directory, name)
@@ -1076,8 +868,8 @@ class GridFilesystem:
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         self._check_name(name_new)
-        source_dir = await self._fresh(self._dir_of(parent_old))
-        target_dir = await self._fresh(self._dir_of(parent_new))
+        source_dir = await self.directories.fresh(self._dir_of(parent_old))
+        target_dir = await self.directories.fresh(self._dir_of(parent_new))
         self._check_writable(source_dir)
         self._check_writable(target_dir)
         inode = self._child(source_dir, name_old)
@@ -1097,7 +889,7 @@ class GridFilesystem:
                 raise FsError(errno.ENOTDIR)
             if replaced.kind == DIRECTORY:
                 assert replaced.directory is not None
-                if (await self._fresh(replaced.directory)).names(self._pending_in(replaced.directory)):
+                if (await self.directories.fresh(replaced.directory)).names(self._pending_in(replaced.directory)):
                     raise FsError(errno.ENOTEMPTY)
         # The new name is recorded before anything changes: refused (a full disk), the rename changes nothing;
         # and a crash or refusal between the two records leaves two names, never none.
@@ -1109,42 +901,22 @@ class GridFilesystem:
         self._record_removal(source_dir, name_old)
 
     async def link(self, inode: int, new_parent: int, new_name: str) -> Attributes:
-        node = self._inode(inode)
+        node = self.inodes[inode]
         if node.kind == DIRECTORY:
             raise FsError(errno.EPERM, "directories cannot be hard-linked")
         directory = await self._new_entry_checks(new_parent, new_name)
         twin = self._new_inode(node.kind, node.cap, dict(self._folded_metadata(node)))
-        if node.local is not None:
-            twin.local = node.local  # the same content: both entries get the cap its upload makes
-            self.local_owners.setdefault(node.local.id, set()).add(twin)
+        if node.local is not None:  # the same content: both entries get the cap its upload makes
+            self.inodes.give_local(twin, node.local)
         self._enter_new(directory, new_name, twin)
         if twin.local is not None and twin.local.dirty and twin.local.writers == 0:
-            self._queue_upload(twin.local)  # wanted again, if its upload was skipped while it had no name
+            self.uploader.queue(twin.local)  # wanted again, if its upload was skipped while it had no name
         twin.lookups += 1
         return await self._attributes(twin)
 
     # --- operations: files --------------------------------------------------------------------------------
-    def _new_handle(self, inode: Inode, writable: bool, names: list[str] | None = None) -> int:
-        fh = self._next_handle
-        self._next_handle += 1
-        self.handles[fh] = _Handle(inode, writable, names)
-        inode.opens += 1
-        return fh
-
-    def _handle(self, fh: int) -> _Handle:
-        handle = self.handles.get(fh)
-        if handle is None:
-            raise self._unknown_handle(fh)
-        return handle
-
-    def _unknown_handle(self, fh: int) -> FsError:
-        """EIO for a handle an earlier run of the server gave out (the file is to be opened again), else EBADF."""
-        if fh < self._first_number:
-            return FsError(errno.EIO, "the file was opened before the grid server started again; open it again")
-        return FsError(errno.EBADF)
-
     async def open(self, inode: int, flags: int) -> int:
-        node = self._inode(inode)
+        node = self.inodes[inode]
         if node.kind == DIRECTORY:
             raise FsError(errno.EISDIR)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
@@ -1165,7 +937,7 @@ class GridFilesystem:
             local.writers += 1
         elif isinstance(node.cap, MutableWriteCap | MutableReadCap):
             await self._materialize(node)
-        return self._new_handle(node, writable)
+        return self.handles.open(node, writable)
 
     def _mark_written(self, inode: Inode, was_dirty: bool) -> None:
         """Note a change of content: its time, and a journal record unless a pending one already names the
@@ -1185,12 +957,12 @@ class GridFilesystem:
             raise
         self._enter_new(directory, name, inode)
         local.writers += 1
-        fh = self._new_handle(inode, True)
+        fh = self.handles.open(inode, True)
         inode.lookups += 1
         return fh, await self._attributes(inode)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        inode = self._handle(fh).inode
+        inode = self.handles[fh].inode
         if inode.local is not None:
             return inode.local.pread(offset, size)
         cap = inode.cap
@@ -1205,7 +977,7 @@ class GridFilesystem:
         return b""
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        handle = self._handle(fh)
+        handle = self.handles[fh]
         if not handle.writable:
             raise FsError(errno.EBADF)
         inode = handle.inode
@@ -1217,17 +989,17 @@ class GridFilesystem:
         return written
 
     async def flush(self, fh: int) -> None:
-        self._handle(fh)
+        self.handles[fh]
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._sync_inode(self._handle(fh).inode)
+        await self._sync_inode(self.handles[fh].inode)
 
     async def _sync_inode(self, inode: Inode) -> None:
         """Return once the inode's content and its entry (and its directories' entries) are on the grid."""
         if inode.local is not None and inode.local.dirty and not self._orphaned(inode.local):
-            await self._upload(inode.local)
+            await self.uploader.upload(inode.local)
             if inode.local is not None and inode.local.dirty:
-                failure = self.upload_failures.get(inode.local.id)
+                failure = self.uploader.retries.failures.get(inode.local.id)
                 raise FsError(
                     errno.EIO, f"upload failed: {failure.error if failure else 'the file changed during fsync'}"
                 )
@@ -1237,33 +1009,30 @@ class GridFilesystem:
         while node is not None and node.parent is not None:
             directory = node.parent
             while self._pending_link(directory, node.name) is node:
-                await self._publish_round(directory)
-                failure = self.publish_failures.get(directory.key)
+                await self.publisher.round(directory.key)
+                failure = self.publisher.retries.failures.get(directory.key)
                 if failure is not None and self._pending_link(directory, node.name) is node:
                     raise FsError(errno.EIO, f"directory update failed: {failure.error}")
             node = directory.inode
 
     async def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh, None)
-        if handle is None:
-            raise self._unknown_handle(fh)
+        handle = self.handles.close(fh)
         inode = handle.inode
-        inode.opens -= 1
         if handle.writable and inode.local is not None:
             inode.local.writers -= 1
             if inode.local.writers == 0 and inode.local.dirty:
-                self._queue_upload(inode.local)
+                self.uploader.queue(inode.local)
                 self._closed_unsynced[inode.local.id] = inode.local
                 self._closed_wanted.set()
         self._maybe_drop(inode)
 
     # --- operations: directories --------------------------------------------------------------------------
     async def opendir(self, inode: int) -> int:
-        directory = await self._fresh(self._dir_of(inode))
-        return self._new_handle(self._inode(inode), False, directory.names(self._pending_in(directory)))
+        directory = await self.directories.fresh(self._dir_of(inode))
+        return self.handles.open(self.inodes[inode], False, directory.names(self._pending_in(directory)))
 
     async def readdir(self, fh: int, offset: int) -> list[DirectoryEntry]:
-        handle = self._handle(fh)
+        handle = self.handles[fh]
         directory = handle.inode.directory
         if directory is None or handle.names is None:
             raise FsError(errno.ENOTDIR)
@@ -1284,7 +1053,7 @@ class GridFilesystem:
         await self.release(fh)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        handle = self._handle(fh)
+        handle = self.handles[fh]
         directory = handle.inode.directory
         if directory is None:
             raise FsError(errno.ENOTDIR)
@@ -1296,8 +1065,8 @@ class GridFilesystem:
                 await self._sync_inode(item)
             else:
                 while isinstance(self.write_back.change(directory.key, name), Removal):
-                    await self._publish_round(directory)
-                    failure = self.publish_failures.get(directory.key)
+                    await self.publisher.round(directory.key)
+                    failure = self.publisher.retries.failures.get(directory.key)
                     if failure is not None:
                         raise FsError(errno.EIO, f"directory update failed: {failure.error}")
 
@@ -1325,7 +1094,7 @@ class GridFilesystem:
         return cap.to_string().encode("ascii")
 
     async def getxattr(self, inode: int, name: str) -> bytes:
-        node = self._inode(inode)
+        node = self.inodes[inode]
         if name in (CAP_XATTR, READCAP_XATTR):
             value = self._cap_value(node, name)
             if value is None:
@@ -1340,7 +1109,7 @@ class GridFilesystem:
         """Set a user attribute. A cap attribute cannot change: setting it to the cap it shows is a no-op (a copy
         made before caps were unlisted carries them, and rsync -X back onto the same entries sets them again);
         any other value is EPERM, which cp -a ignores and tar reports as a warning."""
-        node = self._inode(inode)
+        node = self.inodes[inode]
         if name in (CAP_XATTR, READCAP_XATTR):
             if value != self._cap_value(node, name):
                 raise FsError(errno.EPERM, "a cap attribute can only be set to the cap it already shows")
@@ -1360,10 +1129,10 @@ class GridFilesystem:
         self._change_fields(node, fields)
 
     async def listxattr(self, inode: int) -> list[str]:
-        return sorted(self._fields(self._inode(inode)).xattrs)
+        return sorted(self._fields(self.inodes[inode]).xattrs)
 
     async def removexattr(self, inode: int, name: str) -> None:
-        node = self._inode(inode)
+        node = self.inodes[inode]
         if name in (CAP_XATTR, READCAP_XATTR):
             raise FsError(errno.EPERM, "cap attributes cannot be removed")
         self._check_writable(node.parent)

@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from fuse_client.grid_commands import create_node
-from grid_server import filesystem
+from grid_server import directory_views, filesystem, uploader
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
 from grid_server.nodes import Directory
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
@@ -118,7 +118,7 @@ def test_create_write_fsync_reaches_the_grid(node):
         small = (await fs.lookup(ROOT_INODE, "small.txt")).inode
         # The kernel forgets them: the local copies go, reads come from the grid.
         await fs.forget([(inode, 1), (small, 2)])
-        assert inode not in fs.inodes, fs.inodes[inode]
+        assert inode not in fs.inodes, fs.inodes.get(inode)
         assert not any(fs.local_files.directory.iterdir())
         again = await fs.lookup(ROOT_INODE, "big.bin")
         assert again.inode != inode and await read_file(fs, again.inode) == data
@@ -376,7 +376,7 @@ def test_a_directory_read_answered_before_a_publish_does_not_hide_its_names(node
             await release.wait()  # ...delivered late
         return listing
 
-    monkeypatch.setattr(filesystem, "read_directory", late_read_directory)
+    monkeypatch.setattr(directory_views, "read_directory", late_read_directory)
 
     async def main() -> None:
         async with open_filesystem(node[0], node[1], FilesystemOptions(cache_timeout=3600)) as fs:
@@ -557,7 +557,7 @@ def test_failing_uploads_and_publishes_are_state_not_loops(node, monkeypatch):
     (any other error) is shown as failed and not retried on its own; a drain tries everything again."""
     failing: dict[str, BaseException | None] = {"upload": None, "publish": None}
     calls = {"upload": 0, "publish": 0}
-    upload, modify = filesystem.upload_immutable, filesystem.modify_directory
+    upload, modify = uploader.upload_immutable, filesystem.modify_directory
 
     async def flaky_upload(*args: Any) -> Any:
         calls["upload"] += 1
@@ -571,7 +571,7 @@ def test_failing_uploads_and_publishes_are_state_not_loops(node, monkeypatch):
             raise failing["publish"]
         return await modify(*args)
 
-    monkeypatch.setattr(filesystem, "upload_immutable", flaky_upload)
+    monkeypatch.setattr(uploader, "upload_immutable", flaky_upload)
     monkeypatch.setattr(filesystem, "modify_directory", flaky_modify)
 
     async def body(fs: GridFilesystem) -> None:
