@@ -1,13 +1,16 @@
 """Scripting commands on a grid, in the manner of Tahoe's CLI: create-node, create-alias, add-alias, list-aliases,
 put, get, ls, mkdir, ln, mv, rm.
 
-Locations are Tahoe-style: `alias:path`, a cap, or `CAP/path`; a bare path is relative to the `tahoe:` alias.
+Locations are Tahoe-style: `alias:path`, a cap, or `CAP/path`; a bare path is relative to the `tahoe:` alias. Path
+components are names as a mount shows them (grid_server/names.py): bytes that are not UTF-8 are kept as the mount
+keeps them, `ls` prints them back as those bytes, and no command creates a name a mount could not show.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import stat
@@ -19,6 +22,7 @@ from typing import IO, BinaryIO, TypeVar
 
 import trio
 
+from grid_server.names import NAME_MAX, from_tahoe, showable, to_tahoe, too_long
 from lafs_core.caps import (
     Cap,
     ChkCap,
@@ -169,8 +173,32 @@ async def _on_grid(node: NodeDirectory, work: Callable[[Grid], Awaitable[T]]) ->
         await grid.aclose()
 
 
+def _location(text: str, node: NodeDirectory) -> tuple[Cap, list[str]]:
+    """The root and path components of a location, each component the Tahoe name a mount keeps it under: a name
+    typed as bytes that are not UTF-8 reaches the entry the mount made of them."""
+    root, components = parse_location(text, node.aliases())
+    return root, [to_tahoe(os.fsencode(component)) for component in components]
+
+
+def _creatable(components: Sequence[str], location: str) -> None:
+    """Refuse to create an entry a mount could not show: a mount gives ENAMETOOLONG for every longer name."""
+    for name in components:
+        if too_long(name):
+            raise LafsError(
+                f"{shown_location(location)}: a name of {len(from_tahoe(name))} bytes cannot be used through a "
+                f"mount (at most {NAME_MAX})"
+            )
+        if not showable(name):
+            raise LafsError(f"{shown_location(location)}: {shown_name(name)!r} cannot be used through a mount")
+
+
+def shown_name(name: str) -> str:
+    """A Tahoe name as the mount shows it, for printing (bytes that are not UTF-8 as surrogate escapes)."""
+    return os.fsdecode(from_tahoe(name))
+
+
 def _split_parent(grid_location: str, node: NodeDirectory) -> tuple[Cap, list[str], str]:
-    root, components = parse_location(grid_location, node.aliases())
+    root, components = _location(grid_location, node)
     if not components:
         raise LafsError(f"{shown_location(grid_location)!r} names no entry inside a directory")
     return root, components[:-1], components[-1]
@@ -298,7 +326,7 @@ async def _put(grid: Grid, node: NodeDirectory, path: Path, args: argparse.Names
     target) is overwritten in place instead, keeping its cap, as `tahoe put` does."""
     if not args.target:
         return await _upload_path(grid, path, args.mutable)
-    root, components = parse_location(args.target, node.aliases())
+    root, components = _location(args.target, node)
     shown = shown_location(args.target)
     if not components:
         if isinstance(root, MutableWriteCap | MutableReadCap):
@@ -315,6 +343,7 @@ async def _put(grid: Grid, node: NodeDirectory, path: Path, args: argparse.Names
         return await _overwrite(grid, existing, path, shown)
     if isinstance(existing, DirectoryCap):
         raise ExistingChildError(f"{shown} is a directory")
+    _creatable(components, args.target)
     cap = await _upload_path(grid, path, args.mutable)
     parent = await _parent_directory(grid, root, components[:-1], create=True)
     await modify_directory(grid, parent, linker(components[-1], cap, replace_files=True))
@@ -353,7 +382,7 @@ async def _upload_path(grid: Grid, path: Path, mutable: bool) -> Cap:
 
 
 async def get_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
-    root, components = parse_location(args.source, node.aliases())
+    root, components = _location(args.source, node)
     cap, _entry = await resolve(grid, root, components)
     if isinstance(cap, DirectoryCap):
         raise NotADirectoryCapError(f"{shown_location(args.source)} is a directory; use ls")
@@ -432,13 +461,16 @@ def replaced_when_complete(target: Path) -> Iterator[BinaryIO]:
 
 
 async def ls_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
-    root, components = parse_location(args.path, node.aliases())
+    root, components = _location(args.path, node)
     cap, entry = await resolve(grid, root, components)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # names print as the bytes a mount shows, UTF-8 or not
+        sys.stdout.reconfigure(errors="surrogateescape")
     if not isinstance(cap, DirectoryCap):
         if args.json:
             print(json.dumps(node_json(cap, entry), indent=1))
         else:
-            print(long_line(components[-1], cap, entry) if args.long and entry else (components or [str(cap)])[-1])
+            name = shown_name(components[-1]) if components else str(cap)
+            print(long_line(name, cap, entry) if args.long and entry else name)
         return 0
     children = await read_directory(grid, cap)
     if args.json:
@@ -447,7 +479,7 @@ async def ls_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) 
         print(json.dumps([kind, info], indent=1))
         return 0
     for name, child in sorted(children.items()):
-        print(long_line(name, child.cap, child) if args.long else name)
+        print(long_line(shown_name(name), child.cap, child) if args.long else shown_name(name))
     return 0
 
 
@@ -456,6 +488,7 @@ async def mkdir_command(grid: Grid, node: NodeDirectory, args: argparse.Namespac
         print(await create_directory(grid, file_format=args.format))
         return 0
     root, parents, name = _split_parent(args.path, node)
+    _creatable([*parents, name], args.path)
     parent = await _parent_directory(grid, root, parents, create=True)
     children = await read_directory(grid, parent)
     if name in children:
@@ -472,7 +505,7 @@ async def _link(
     """Link the object at `source` at `target` (inside it, if `target` is a directory); return its old place.
 
     A bare cap as `source` (as `tahoe ln` allows) has no old place: (None, None, its new entry)."""
-    src_root, src_components = parse_location(source, node.aliases())
+    src_root, src_components = _location(source, node)
     if not src_components:
         src_parent, src_name, entry = None, None, child_entry(src_root)
     else:
@@ -482,7 +515,7 @@ async def _link(
         if found is None:
             raise NoSuchChildError(f"{shown_location(source)} does not exist")
         entry = found
-    dst_root, dst_components = parse_location(target, node.aliases())
+    dst_root, dst_components = _location(target, node)
     try:
         existing, _ = await resolve(grid, dst_root, dst_components)
     except NoSuchChildError:
@@ -493,6 +526,7 @@ async def _link(
         if not dst_components:
             raise LafsError(f"{shown_location(target)!r} names no entry inside a directory")
         parent_components, name = dst_components[:-1], dst_components[-1]
+    _creatable([name], target)
     chain = await directory_path(grid, dst_root, parent_components)
     if isinstance(entry.cap, DirectoryCap) and any(_same_object(entry.cap, above) for above in chain):
         raise DirectoryLoopError(
@@ -515,7 +549,7 @@ async def ln_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) 
 
 
 async def mv_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
-    if not parse_location(args.source, node.aliases())[1]:
+    if not _location(args.source, node)[1]:
         raise LafsError(f"{shown_location(args.source)!r} names no entry inside a directory: nothing to move")
     src_parent, src_name, entry = await _link(grid, node, args.source, args.target)
     assert src_parent is not None and src_name is not None

@@ -2,8 +2,9 @@
 
 No filesystem logic lives here. The shim only converts between pyfuse3's types and the interface's:
 
-- names (and symlink targets, xattr names) arrive as bytes and are decoded as strict UTF-8; an undecodable
-  one is refused with EINVAL without calling the operations object;
+- names arrive as bytes and become the interface's Tahoe names by grid_server/names.py (any bytes, losslessly);
+  symlink targets and xattr names are decoded as strict UTF-8, an undecodable one refused with EINVAL without
+  calling the operations object;
 - `Attributes` become `pyfuse3.EntryAttributes`, with the attribute and entry timeouts the server chose;
 - `FsError(errno, message)` becomes `FUSEError(errno)`, and an EIO's message (why the grid failed it) goes to the
   log; any other exception is logged (operation and traceback, never file data) and answered with EIO, so a bug
@@ -31,6 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
+from grid_server.names import from_tahoe, to_tahoe
 from grid_server.operations import (
     XATTR_NAMESPACE,
     AttrChanges,
@@ -74,16 +76,16 @@ def _replies(
     return wrapper
 
 
-def decode_name(raw: bytes) -> str:
-    """A name from the kernel as the interface's str: strict UTF-8, else EINVAL."""
+def decode_text(raw: bytes) -> str:
+    """A symlink target or xattr name from the kernel as the interface's str: strict UTF-8, else EINVAL."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise pyfuse3.FUSEError(errno.EINVAL) from None
 
 
-def encode_name(name: str) -> bytes:
-    return name.encode("utf-8")
+def encode_text(text: str) -> bytes:
+    return text.encode("utf-8")
 
 
 def entry_attributes(attributes: Attributes) -> pyfuse3.EntryAttributes:
@@ -178,7 +180,7 @@ class FuseShim(pyfuse3.Operations):
     # --- inodes and attributes ---------------------------------------------------------------------------------
     @_replies
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self.operations.lookup(parent_inode, decode_name(name)))
+        return entry_attributes(await self.operations.lookup(parent_inode, to_tahoe(name)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # pyfuse3: forget must not raise; there is no request to answer.
@@ -211,35 +213,35 @@ class FuseShim(pyfuse3.Operations):
 
     @_replies
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return encode_name(await self.operations.readlink(inode))
+        return encode_text(await self.operations.readlink(inode))
 
     # --- directory entries -------------------------------------------------------------------------------------
     @_replies
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self.operations.mkdir(parent_inode, decode_name(name), mode, caller(ctx)))
+        return entry_attributes(await self.operations.mkdir(parent_inode, to_tahoe(name), mode, caller(ctx)))
 
     @_replies
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        text_name, text_target = decode_name(name), decode_name(target)
+        text_name, text_target = to_tahoe(name), decode_text(target)
         return entry_attributes(await self.operations.symlink(parent_inode, text_name, text_target, caller(ctx)))
 
     @_replies
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self.operations.mknod(parent_inode, decode_name(name), mode, caller(ctx)))
+        return entry_attributes(await self.operations.mknod(parent_inode, to_tahoe(name), mode, caller(ctx)))
 
     @_replies
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.operations.unlink(parent_inode, decode_name(name))
+        await self.operations.unlink(parent_inode, to_tahoe(name))
 
     @_replies
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.operations.rmdir(parent_inode, decode_name(name))
+        await self.operations.rmdir(parent_inode, to_tahoe(name))
 
     @_replies
     async def rename(
@@ -251,14 +253,14 @@ class FuseShim(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        old, new = decode_name(name_old), decode_name(name_new)
+        old, new = to_tahoe(name_old), to_tahoe(name_new)
         await self.operations.rename(parent_inode_old, old, parent_inode_new, new, flags)
 
     @_replies
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self.operations.link(inode, new_parent_inode, decode_name(new_name)))
+        return entry_attributes(await self.operations.link(inode, new_parent_inode, to_tahoe(new_name)))
 
     # --- files -------------------------------------------------------------------------------------------------
     @_replies
@@ -271,7 +273,7 @@ class FuseShim(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, attributes = await self.operations.create(parent_inode, decode_name(name), mode, flags, caller(ctx))
+        fh, attributes = await self.operations.create(parent_inode, to_tahoe(name), mode, flags, caller(ctx))
         self.open_files.add(fh)
         return pyfuse3.FileInfo(fh=fh), entry_attributes(attributes)
 
@@ -328,7 +330,7 @@ class FuseShim(pyfuse3.Operations):
             for index, entry in enumerate(entries):
                 try:
                     accepted = pyfuse3.readdir_reply(
-                        token, encode_name(entry.name), entry_attributes(entry.attributes), entry.next_offset
+                        token, from_tahoe(entry.name), entry_attributes(entry.attributes), entry.next_offset
                     )
                 except Exception:
                     await self._forget_entries(entries[index:])
@@ -367,7 +369,7 @@ class FuseShim(pyfuse3.Operations):
     # --- extended attributes -----------------------------------------------------------------------------------
     @_replies
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        text = decode_name(name)
+        text = decode_text(name)
         if not text.startswith(XATTR_NAMESPACE):  # no such attribute anywhere (operations.py): no call
             raise pyfuse3.FUSEError(errno.ENODATA)
         return await self.operations.getxattr(inode, text)
@@ -376,12 +378,12 @@ class FuseShim(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         # pyfuse3 does not pass the XATTR_CREATE / XATTR_REPLACE flags: it checks them itself with a getxattr
         # before calling this. So the flags here are always 0.
-        await self.operations.setxattr(inode, decode_name(name), value, 0)
+        await self.operations.setxattr(inode, decode_text(name), value, 0)
 
     @_replies
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [encode_name(name) for name in await self.operations.listxattr(inode)]
+        return [encode_text(name) for name in await self.operations.listxattr(inode)]
 
     @_replies
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.operations.removexattr(inode, decode_name(name))
+        await self.operations.removexattr(inode, decode_text(name))

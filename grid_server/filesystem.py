@@ -54,6 +54,7 @@ from .journal import WriteJournal
 from .journal_records import Change, Link, Record, Removal
 from .local_files import LocalFile, LocalFiles
 from .metadata import PosixFields, file_type, posix_fields, with_posix_fields
+from .names import NAME_MAX, showable, too_long
 from .node_state import NodeState, open_node_state
 from .nodes import DIRECTORY, FILE, LOOP, SYMLINK, Directory, Inode
 from .operations import (
@@ -82,9 +83,6 @@ READDIR_BATCH = 512
 DRAIN_CHECK = 1.0  # seconds between a drain's looks at whether anything moved
 DRAIN_GIVE_UP = 120.0  # seconds a drain waits while nothing moves (the grid is unreachable) before it gives up
 DRAIN_AGAIN = 10.0  # what a drain waits instead when an earlier one gave up and nothing has moved since
-NAME_MAX = 255
-
-
 BLOCK = 4096
 
 
@@ -498,9 +496,17 @@ class GridFilesystem:
             raise FsError(errno.EACCES, "the directory is read-only")
 
     @staticmethod
-    def _check_name(name: str) -> None:
-        if not name or name in (".", "..") or "/" in name or len(name.encode("utf-8")) > NAME_MAX:
-            raise FsError(errno.EINVAL if len(name.encode("utf-8")) <= NAME_MAX else errno.ENAMETOOLONG, "bad name")
+    def _check_length(name: str) -> None:
+        """ENAMETOOLONG for a name longer than NAME_MAX bytes, from every call that takes a name, as on tmpfs."""
+        if too_long(name):
+            raise FsError(errno.ENAMETOOLONG, f"a name is at most {NAME_MAX} bytes long")
+
+    @classmethod
+    def _check_new_name(cls, name: str) -> None:
+        """A name an entry can be created with: one the mount can show."""
+        cls._check_length(name)
+        if not showable(name):
+            raise FsError(errno.EINVAL, f"{name!r} cannot name an entry")
 
     # --- pending changes and the journal --------------------------------------------------------------------
     def _record_link(self, directory: Directory, name: str, inode: Inode) -> None:
@@ -710,6 +716,7 @@ class GridFilesystem:
 
     # --- operations: lookup and attributes -------------------------------------------------------------------
     async def lookup(self, parent: int, name: str) -> Attributes:
+        self._check_length(name)
         directory = await self.directories.fresh(self._dir_of(parent))
         inode = self._child(directory, name)
         if inode is None:
@@ -778,7 +785,7 @@ class GridFilesystem:
 
     # --- operations: names --------------------------------------------------------------------------------
     async def _new_entry_checks(self, parent: int, name: str) -> Directory:
-        self._check_name(name)
+        self._check_new_name(name)
         directory = await self.directories.fresh(self._dir_of(parent))
         self._check_writable(directory)
         if directory.has(name, self._pending_in(directory)):
@@ -847,6 +854,7 @@ class GridFilesystem:
         await self._remove(parent, name, directory_wanted=True)
 
     async def _remove(self, parent: int, name: str, directory_wanted: bool) -> None:
+        self._check_length(name)
         directory = await self.directories.fresh(self._dir_of(parent))
         self._check_writable(directory)
         inode = self._child(directory, name)
@@ -867,7 +875,8 @@ class GridFilesystem:
     async def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int) -> None:
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        self._check_name(name_new)
+        self._check_length(name_old)
+        self._check_new_name(name_new)
         source_dir = await self.directories.fresh(self._dir_of(parent_old))
         target_dir = await self.directories.fresh(self._dir_of(parent_new))
         self._check_writable(source_dir)
@@ -1028,8 +1037,11 @@ class GridFilesystem:
 
     # --- operations: directories --------------------------------------------------------------------------
     async def opendir(self, inode: int) -> int:
+        """A listing handle: "." and "..", then the names as they are now (those the kernel can take: a name
+        another Tahoe client made longer than NAME_MAX bytes, or holding "/", is left out)."""
         directory = await self.directories.fresh(self._dir_of(inode))
-        return self.handles.open(self.inodes[inode], False, directory.names(self._pending_in(directory)))
+        names = [".", ".."] + [name for name in directory.names(self._pending_in(directory)) if showable(name)]
+        return self.handles.open(self.inodes[inode], False, names)
 
     async def readdir(self, fh: int, offset: int) -> list[DirectoryEntry]:
         handle = self.handles[fh]
@@ -1042,12 +1054,22 @@ class GridFilesystem:
         while index < len(handle.names) and len(entries) < READDIR_BATCH:
             name = handle.names[index]
             index += 1
-            inode = self._child(directory, name)
+            inode = self._listed(handle.inode, directory, name)
             if inode is None:
                 continue
             entries.append(DirectoryEntry(name, await self._attributes(inode), index))
             inode.lookups += 1
         return entries
+
+    def _listed(self, inode: Inode, directory: Directory, name: str) -> Inode | None:
+        """The inode a listing shows at `name`: "." is the directory itself, ".." its parent as last looked up (the
+        root's own parent is outside the mount: the kernel shows the root's number there, as for any mount root)."""
+        if name == ".":
+            return inode
+        if name == "..":
+            parent = inode.parent.inode if inode.parent is not None else None
+            return parent if parent is not None and self.inodes.holds(parent) else inode
+        return self._child(directory, name)
 
     async def releasedir(self, fh: int) -> None:
         await self.release(fh)

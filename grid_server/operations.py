@@ -5,8 +5,9 @@ attribute values, so the same interface runs in one process (`--no-split`: the s
 directly) or over the RPC socket (split mode: the RPC client implements this same class). Failures are raised
 as `FsError(errno, message)`; the shim turns them into the FUSE error reply, the RPC layer carries both fields.
 
-Names are `str`: Tahoe directory entries are Unicode, so a name that is not UTF-8 is refused by the shim with
-EINVAL before it gets here. Times are integer nanoseconds since the epoch.
+Names are `str`, as Tahoe directory entries name them: the shim maps the kernel's bytes to them and back with
+grid_server/names.py, which keeps names that are not UTF-8 losslessly. Times are integer nanoseconds since the
+epoch.
 
 Lookup counts follow the kernel's rules: every successful `create`, every entry `readdir` returns, and every
 operation in ENTRY_OPERATIONS adds one to the returned inode's count; `forget` subtracts. An inode whose count
