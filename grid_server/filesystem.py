@@ -929,13 +929,14 @@ class GridFilesystem:
         if node.kind == DIRECTORY:
             raise FsError(errno.EISDIR)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        if writable:
+        truncate = bool(flags & os.O_TRUNC)  # even opened read-only: Linux truncates then, as tmpfs does
+        if writable or truncate:
             self._check_writable(node.parent)
             if not self._replaceable(node.cap):
                 raise FsError(errno.EACCES, "the file is read-only")
             had_copy = node.local is not None
-            local = await self._materialize(node, truncate=bool(flags & os.O_TRUNC))
-            if flags & os.O_TRUNC:
+            local = await self._materialize(node, truncate=truncate)
+            if truncate:
                 try:
                     self._mark_written(node, was_dirty=False)
                 except FsError:  # not recorded (a full disk): a copy made just now goes again; one that was there
@@ -943,7 +944,10 @@ class GridFilesystem:
                     if not had_copy:
                         self._release_local(node)
                     raise
-            local.writers += 1
+            if writable:
+                local.writers += 1
+            elif local.writers == 0:
+                self.uploader.queue(local)  # emptied with no writer to close it: upload as a setattr would
         elif isinstance(node.cap, MutableWriteCap | MutableReadCap):
             await self._materialize(node)
         return self.handles.open(node, writable)

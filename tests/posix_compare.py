@@ -14,10 +14,12 @@ an exception into its errno name, `kind_and_mode` and `stat_fields` keep the sta
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import os
 import stat
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,6 +67,42 @@ def stat_fields(path: Path | int, *fields: str, follow: bool = False) -> dict[st
         "ctime_ns": result.st_ctime_ns,
     }
     return {name: values[name] for name in fields or STAT_FIELDS}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.getdents64.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_libc.getdents64.restype = ctypes.c_ssize_t
+_DIRENT64 = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the NUL-terminated name
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    """renameat2(2), which Python's os module lacks; OSError as os.rename raises it."""
+    if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:  # -100: AT_FDCWD
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(old), None, str(new))
+
+
+def directory_entries(path: Path) -> list[tuple[bytes, int]]:
+    """Every entry getdents64 lists, "." and ".." included (os.scandir leaves them out): (name, d_ino)."""
+    entries: list[tuple[bytes, int]] = []
+    buffer = ctypes.create_string_buffer(1 << 16)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while (length := _libc.getdents64(fd, buffer, len(buffer))) != 0:
+            if length < 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code), str(path))
+            data, offset = buffer.raw[:length], 0
+            while offset < length:
+                ino, _next, reclen, _kind = _DIRENT64.unpack_from(data, offset)
+                name = data[offset + _DIRENT64.size : offset + reclen].split(b"\0", 1)[0]
+                entries.append((name, ino))
+                offset += reclen
+    finally:
+        os.close(fd)
+    return entries
 
 
 @dataclass
