@@ -51,7 +51,7 @@ from lafs_core.immutable.params import LIT_THRESHOLD
 from .directory_views import DirectoryViews
 from .inode_table import HandleTable, InodeTable
 from .journal import WriteJournal
-from .journal_records import Change, Link, Record, Removal
+from .journal_records import Change, Link, Record, Removal, Together
 from .local_files import LocalFile, LocalFiles
 from .metadata import PosixFields, file_type, posix_fields, with_posix_fields
 from .names import NAME_MAX, showable, too_long
@@ -512,12 +512,21 @@ class GridFilesystem:
     def _record_link(self, directory: Directory, name: str, inode: Inode) -> None:
         """Record that `name` in `directory` is to become `inode`, journal first: if the journal cannot take the
         record (a full disk), the change is refused and nothing of it is made."""
+        change = self._new_link(directory, name, inode)
+        self._record_change(change)
+        self._linked(directory, name, inode, change)
+
+    def _new_link(self, directory: Directory, name: str, inode: Inode) -> Link:
+        """The record of linking `inode` at `name` in `directory`, not yet journaled."""
         local = inode.local.id if inode.local is not None and inode.local.dirty else None
         cap = inode.cap.to_string() if inode.cap is not None else None
         metadata = self._folded_metadata(inode)
-        self._record_change(self.write_back.new_link(directory.key, name, inode.kind, metadata, cap, local))
+        return self.write_back.new_link(directory.key, name, inode.kind, metadata, cap, local)
+
+    def _linked(self, directory: Directory, name: str, inode: Inode, change: Link) -> None:
+        """Show a journaled link in the view, and publish it once it waits for no upload."""
         self._attach(inode, directory, name)
-        if local is None:
+        if change.local is None:
             self.publisher.want(directory.key)
 
     def _record_removal(self, directory: Directory, name: str) -> None:
@@ -525,10 +534,13 @@ class GridFilesystem:
         self._record_change(self.write_back.new_removal(directory.key, name))
         self.publisher.want(directory.key)
 
-    def _record_change(self, change: Change) -> None:
+    def _record_change(self, *changes: Change) -> None:
+        """Journal changes, then make them pending. Several go as one `Together` record: after a crash, a replay
+        finds all of them or none."""
         with local_disk("cannot record the change"):
-            self.journal.append(change)
-        self.write_back.apply(change)
+            self.journal.append(changes[0] if len(changes) == 1 else Together(changes))
+        for change in changes:
+            self.write_back.apply(change)
 
     def _enter_new(self, directory: Directory, name: str, inode: Inode) -> None:
         """Give a new inode its entry. One that cannot be recorded (a full disk) lets the inode and its local copy
@@ -873,8 +885,8 @@ class GridFilesystem:
         self._detach(inode)
 
     async def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int) -> None:
-        if flags & RENAME_EXCHANGE:
-            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        if flags & RENAME_EXCHANGE and flags & RENAME_NOREPLACE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_NOREPLACE exclude each other")
         self._check_length(name_old)
         self._check_new_name(name_new)
         source_dir = await self.directories.fresh(self._dir_of(parent_old))
@@ -886,9 +898,18 @@ class GridFilesystem:
             raise FsError(errno.ENOENT)
         if source_dir is target_dir and name_old == name_new:
             return
-        if inode.directory is not None and self._levels_up_to(target_dir, inode.directory.readonly_cap) is not None:
-            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        self._check_not_into_itself(inode, target_dir)
         replaced = self._child(target_dir, name_new)
+        if flags & RENAME_EXCHANGE:
+            if replaced is None:
+                raise FsError(errno.ENOENT)
+            self._check_not_into_itself(replaced, source_dir)
+            # Both links in one journal record: after a crash, both names are swapped or neither.
+            there, back = self._new_link(target_dir, name_new, inode), self._new_link(source_dir, name_old, replaced)
+            self._record_change(there, back)
+            self._linked(target_dir, name_new, inode, there)
+            self._linked(source_dir, name_old, replaced, back)
+            return
         if replaced is not None:
             if flags & RENAME_NOREPLACE:
                 raise FsError(errno.EEXIST)
@@ -908,6 +929,11 @@ class GridFilesystem:
         if source_dir.inodes.get(name_old) is inode:
             del source_dir.inodes[name_old]
         self._record_removal(source_dir, name_old)
+
+    def _check_not_into_itself(self, inode: Inode, directory: Directory) -> None:
+        """EINVAL for moving a directory into `directory` when that is the directory itself or below it."""
+        if inode.directory is not None and self._levels_up_to(directory, inode.directory.readonly_cap) is not None:
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
 
     async def link(self, inode: int, new_parent: int, new_name: str) -> Attributes:
         node = self.inodes[inode]

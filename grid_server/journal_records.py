@@ -8,9 +8,11 @@ must replay after an upgrade):
      "cap": CAP or null, "local": ID or null}                                     NAME linked to an entry
     {"op": "uploaded", "local": ID, "cap": CAP}                                   a local file's content is on the grid
     {"op": "published", "seqs": [N, ...]}                                         those changes are on the grid
+    {"op": "together", "changes": [SET, SET, ...]}                                 "set" records made as one
 
 A link's `local` names the local file whose content is not on the grid yet (then `cap` is the version it started
-from, or null for a new file); an `uploaded` record gives such links the cap their content got.
+from, or null for a new file); an `uploaded` record gives such links the cap their content got. A `together` record
+is one line, so a replay applies all its changes or (a torn last line) none: a RENAME_EXCHANGE's two links.
 """
 
 from __future__ import annotations
@@ -62,7 +64,14 @@ class Published:
     seqs: tuple[int, ...]
 
 
-Record = Link | Removal | Uploaded | Published
+@dataclass(frozen=True)
+class Together:
+    """Changes made as one: after a crash, all of them or none are pending (a RENAME_EXCHANGE swaps two names)."""
+
+    changes: tuple[Change, ...]
+
+
+Record = Link | Removal | Uploaded | Published | Together
 
 
 class MalformedRecord(ValueError):
@@ -89,6 +98,8 @@ def serialize_record(record: Record) -> dict[str, Any]:
             return {"op": "uploaded", "local": record.local, "cap": record.cap}
         case Published():
             return {"op": "published", "seqs": list(record.seqs)}
+        case Together():
+            return {"op": "together", "changes": [serialize_record(change) for change in record.changes]}
 
 
 def parse_record(raw: object) -> Record:
@@ -111,6 +122,16 @@ def parse_record(raw: object) -> Record:
         if not all(type(seq) is int for seq in seqs):
             raise MalformedRecord("published: seqs are not all integers")
         return Published(tuple(seqs))
+    if op == "together":
+        changes: list[Change] = []
+        for item in _field(raw, "changes", list):
+            change = parse_record(item)
+            if not isinstance(change, Link | Removal):
+                raise MalformedRecord("together: holds a record that is not a change")
+            changes.append(change)
+        if not changes:
+            raise MalformedRecord("together: no changes")
+        return Together(tuple(changes))
     raise MalformedRecord(f"unknown op {op!r}")
 
 

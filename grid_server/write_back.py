@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
-from .journal_records import Change, Link, Published, Record, Removal, Uploaded
+from .journal_records import Change, Link, Published, Record, Removal, Together, Uploaded
 
 EntryKey = tuple[str, str]  # (directory cap string, name)
 
@@ -160,6 +160,10 @@ class WriteBack:
                 case Link() | Removal():
                     self.apply(record)
                     recorded[record.seq] = record
+                case Together():
+                    for change in record.changes:
+                        self.apply(change)
+                        recorded[change.seq] = change
                 case Uploaded():
                     self.mark_uploaded(record.local, record.cap)
                 case Published():

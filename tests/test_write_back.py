@@ -20,6 +20,7 @@ from grid_server.journal_records import (
     Published,
     Record,
     Removal,
+    Together,
     Uploaded,
     parse_record,
     serialize_record,
@@ -56,9 +57,11 @@ class WriteBackMachine(RuleBasedStateMachine):
         self.publishing: dict[str, list[Change]] = {}  # batches being published, by directory
 
     def _append(self, record: Record, refused: bool = False) -> None:
+        """Journal a record, unless the disk refuses it: a refused progress record costs redone work after a
+        crash (replay no longer reaches the live state); a refused change is never made, so it costs nothing."""
         assert parse_record(serialize_record(record)) == record
         if refused:
-            self.faithful = False
+            self.faithful = self.faithful and isinstance(record, Together)
         else:
             self.journal.append(record)
 
@@ -82,6 +85,35 @@ class WriteBackMachine(RuleBasedStateMachine):
         self.acknowledged[(directory, name)] = change
         if local is not None:
             self.link_versions[change.seq] = self.versions[local]
+
+    @rule(
+        first=st.tuples(st.sampled_from(DIRECTORIES), st.sampled_from(NAMES)),
+        second=st.tuples(st.sampled_from(DIRECTORIES), st.sampled_from(NAMES)),
+        locals_=st.tuples(st.none() | st.sampled_from(LOCALS), st.none() | st.sampled_from(LOCALS)),
+        refused=st.booleans(),
+    )
+    def exchange(
+        self, first: EntryKey, second: EntryKey, locals_: tuple[str | None, str | None], refused: bool
+    ) -> None:
+        """A RENAME_EXCHANGE: two links in one record, which the disk takes whole or refuses whole (then the
+        kernel is told it failed, and neither name changes)."""
+        if first == second:
+            return
+        changes = tuple(
+            self.live.new_link(directory, name, "file", {}, "URI:LIT:" if local is None else None, local)
+            for (directory, name), local in zip((first, second), locals_, strict=True)
+        )
+        self._append(Together(changes), refused)
+        if refused:
+            return
+        for local in {local for local in locals_ if local is not None} - self.dirty:
+            self.versions[local] += 1  # a clean local file linked with content: it was written
+            self.dirty.add(local)
+        for change in changes:
+            self.live.apply(change)
+            self.acknowledged[(change.directory, change.name)] = change
+            if change.local is not None:
+                self.link_versions[change.seq] = self.versions[change.local]
 
     @rule(directory=st.sampled_from(DIRECTORIES), name=st.sampled_from(NAMES))
     def remove(self, directory: str, name: str) -> None:
@@ -199,6 +231,8 @@ def test_malformed_records_are_refused() -> None:
         {"op": "set", "seq": "1", "dir": "d", "name": "n"},
         {"op": "set", "seq": 1, "dir": "d", "name": "n", "kind": "file", "meta": {}, "cap": None, "local": None},
         {"op": "published", "seqs": ["1"]},
+        {"op": "together", "changes": []},
+        {"op": "together", "changes": [{"op": "published", "seqs": [1]}]},
         {"op": "unknown"},
     ):
         try:
