@@ -213,6 +213,8 @@ def test_a_directory_loop_is_a_symlink_to_the_ancestor(node):
             assert stat.S_ISLNK(loop.mode) and loop.size == len(target) and await fs.readlink(loop.inode) == target
         fh = await fs.opendir(d.inode)
         assert [(entry.name, stat.S_IFMT(entry.attributes.mode)) for entry in await fs.readdir(fh, 0)] == [
+            (".", stat.S_IFDIR),
+            ("..", stat.S_IFDIR),
             ("e", stat.S_IFDIR),
             ("self", stat.S_IFLNK),
         ]
@@ -264,7 +266,7 @@ def test_readdir_offsets_are_stable(node):
             seen += [e.name for e in entries]
             offset = entries[-1].next_offset
         await fs.releasedir(fh)
-        assert seen == names
+        assert seen == [".", "..", *names]
         assert await fs.drain()
         assert len(await grid_listing(fs, node[1])) == 1200
 
@@ -398,7 +400,7 @@ def test_a_directory_read_answered_before_a_publish_does_not_hide_its_names(node
                 release.set()
             assert (await fs.lookup(parent, "b")).size == 1000
             fh = await fs.opendir(parent)
-            assert [entry.name for entry in await fs.readdir(fh, 0)] == ["a", "b"]
+            assert [entry.name for entry in await fs.readdir(fh, 0)] == [".", "..", "a", "b"]
             await fs.releasedir(fh)
 
     trio.run(main)

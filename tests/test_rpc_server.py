@@ -209,7 +209,8 @@ def test_client_and_server_do_the_filesystem_operations(node):
             assert b"".join(results[offset] for offset in sorted(results)) == data
             await operations.release(fh)
             entries = await operations.readdir(await operations.opendir(ROOT_INODE), 0)
-            assert [entry.name for entry in entries] == ["file.bin"] and entries[0].attributes.size == len(data)
+            assert [entry.name for entry in entries] == [".", "..", "file.bin"]
+            assert entries[2].attributes.size == len(data) and entries[0].attributes.inode == ROOT_INODE
             assert (await operations.getxattr(attributes.inode, "user.tahoe.cap")).startswith(b"URI:CHK:")
             assert (await operations.statfs()).block_size > 0
             with pytest.raises(FsError) as failure:
