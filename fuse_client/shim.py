@@ -98,7 +98,7 @@ def entry_attributes(attributes: Attributes) -> pyfuse3.EntryAttributes:
     entry.st_nlink = attributes.nlink
     entry.st_uid = attributes.uid
     entry.st_gid = attributes.gid
-    entry.st_rdev = 0
+    entry.st_rdev = attributes.rdev
     entry.st_size = attributes.size
     entry.st_blksize = BLOCK_SIZE
     entry.st_blocks = (attributes.size + 511) // 512
@@ -233,7 +233,7 @@ class FuseShim(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self.operations.mknod(parent_inode, to_tahoe(name), mode, caller(ctx)))
+        return entry_attributes(await self.operations.mknod(parent_inode, to_tahoe(name), mode, rdev, caller(ctx)))
 
     @_replies
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

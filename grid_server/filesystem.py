@@ -53,10 +53,10 @@ from .inode_table import HandleTable, InodeTable
 from .journal import WriteJournal
 from .journal_records import Change, Link, Record, Removal, Together
 from .local_files import LocalFile, LocalFiles
-from .metadata import PosixFields, file_type, posix_fields, with_posix_fields
+from .metadata import DEVICE_TYPES, SPECIAL_TYPES, PosixFields, entry_type, posix_fields, with_posix_fields
 from .names import NAME_MAX, showable, too_long
 from .node_state import NodeState, open_node_state
-from .nodes import DIRECTORY, FILE, LOOP, SYMLINK, Directory, Inode
+from .nodes import DIRECTORY, FILE, LOOP, SPECIAL, SYMLINK, Directory, Inode
 from .operations import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -299,10 +299,8 @@ class GridFilesystem:
 
     @staticmethod
     def _kind_of(cap: Cap, metadata: dict[str, Any]) -> str:
-        if isinstance(cap, DirectoryCap):
-            return DIRECTORY
-        ours = metadata.get("blackmatch")
-        return SYMLINK if isinstance(ours, dict) and ours.get("symlink") is True else FILE
+        file_type = entry_type(cap, metadata)
+        return {stat.S_IFDIR: DIRECTORY, stat.S_IFLNK: SYMLINK, stat.S_IFREG: FILE}.get(file_type, SPECIAL)
 
     @staticmethod
     def _levels_up_to(directory: Directory, cap: DirectoryCap) -> int | None:
@@ -422,6 +420,8 @@ class GridFilesystem:
         writable = not self.readonly and self._replaceable(inode.cap)
         is_dir = inode.kind in (DIRECTORY, LOOP)  # a loop's entry keeps a directory's fields for when it is not one
         fields = posix_fields(inode.metadata, is_dir=is_dir, writable=writable, uid=self.uid, gid=self.gid)
+        if inode.kind != SPECIAL:  # an entry flagged special that got content (entry_type): the flag goes with it
+            fields.special, fields.rdev = 0, 0
         if inode.written_ns is not None:
             fields.mtime_ns = fields.ctime_ns = inode.written_ns
         return fields
@@ -466,11 +466,17 @@ class GridFilesystem:
         fields = self._fields(inode)
         size = await self._size(inode)
         timeout = min(1.0, self.options.cache_timeout)
-        mode = stat.S_IFLNK | 0o777 if inode.kind == LOOP else file_type(inode.kind == DIRECTORY, fields) | fields.mode
+        file_type = {
+            LOOP: stat.S_IFLNK,
+            DIRECTORY: stat.S_IFDIR,
+            SYMLINK: stat.S_IFLNK,
+            SPECIAL: fields.special,
+        }.get(inode.kind, stat.S_IFREG)
         return Attributes(
             inode=inode.number,
-            mode=mode,
+            mode=file_type | (0o777 if inode.kind == LOOP else fields.mode),
             nlink=2 if inode.kind == DIRECTORY else 1,
+            rdev=fields.rdev,
             uid=fields.uid,
             gid=fields.gid,
             size=size,
@@ -847,14 +853,20 @@ class GridFilesystem:
         inode.lookups += 1
         return await self._attributes(inode)
 
-    async def mknod(self, parent: int, name: str, mode: int, caller: Caller) -> Attributes:
+    async def mknod(self, parent: int, name: str, mode: int, rdev: int, caller: Caller) -> Attributes:
         """A new empty regular file (`tar --xattrs` makes each file that has attributes this way, sets them, then
-        writes it). FIFOs, sockets and devices are refused with EPERM, as on filesystems that have none."""
-        if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM, "only regular files can be made with mknod")
+        writes it), or a FIFO, socket or device (device number `rdev`, as st_rdev shows it): an entry of an empty
+        LIT cap whose kind is in its metadata, so a Tahoe client sees an empty file."""
+        file_type = stat.S_IFMT(mode)
+        if file_type != stat.S_IFREG and file_type not in SPECIAL_TYPES.values():
+            raise FsError(errno.EINVAL, "mknod makes only files, FIFOs, sockets and devices")
         directory = await self._new_entry_checks(parent, name)
-        inode = self._new_inode(FILE, LiteralCap(b""), {})
-        self._set_fields(inode, self._new_fields(caller, mode))
+        inode = self._new_inode(FILE if file_type == stat.S_IFREG else SPECIAL, LiteralCap(b""), {})
+        fields = self._new_fields(caller, mode)
+        if inode.kind == SPECIAL:
+            fields.special = file_type
+            fields.rdev = rdev if file_type in DEVICE_TYPES else 0
+        self._set_fields(inode, fields)
         self._enter_new(directory, name, inode)
         inode.lookups += 1
         return await self._attributes(inode)
@@ -954,6 +966,8 @@ class GridFilesystem:
         node = self.inodes[inode]
         if node.kind == DIRECTORY:
             raise FsError(errno.EISDIR)
+        if node.kind == SPECIAL:  # the kernel opens these itself; the entry's empty cap is no content to serve
+            raise FsError(errno.ENXIO, "a FIFO, socket or device has no content on the grid")
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)  # even opened read-only: Linux truncates then, as tmpfs does
         if writable or truncate:

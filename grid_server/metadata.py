@@ -5,21 +5,30 @@
                     "symlink": true, "xattrs": {"user.name": "<base64>"}}}
 
 Tahoe clients ignore the extra key and see ordinary files and directories; a symlink is a small file holding
-its target. Entries written by Tahoe have no `blackmatch` key: their mode defaults from the cap (read-only caps
-lose the write bits) and their times from Tahoe's `linkmotime`/`linkcrtime`.
+its target. A special file has `"special": "fifo" | "socket" | "char" | "block"` (and a device its numbers,
+`"device": [major, minor]`) and an empty LIT cap, so a Tahoe client sees an empty file. Entries written by Tahoe
+have no `blackmatch` key: their mode defaults from the cap (read-only caps lose the write bits) and their times
+from Tahoe's `linkmotime`/`linkcrtime`.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import stat
 from dataclasses import dataclass, field
 from typing import Any
+
+from lafs_core.caps import Cap, DirectoryCap, LiteralCap
 
 POSIX_KEY = "blackmatch"
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
 NS = 1_000_000_000
+# The special files' kinds as the metadata names them, and their file types.
+SPECIAL_TYPES = {"fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK, "char": stat.S_IFCHR, "block": stat.S_IFBLK}
+SPECIAL_NAMES = {file_type: name for name, file_type in SPECIAL_TYPES.items()}
+DEVICE_TYPES = (stat.S_IFCHR, stat.S_IFBLK)
 
 
 @dataclass
@@ -30,6 +39,8 @@ class PosixFields:
     mtime_ns: int
     ctime_ns: int
     symlink: bool = False
+    special: int = 0  # a special file's type (stat.S_IFIFO, S_IFSOCK, S_IFCHR or S_IFBLK), else 0
+    rdev: int = 0  # a device's number as st_rdev gives it (os.makedev(major, minor)), else 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
 
 
@@ -41,6 +52,16 @@ def _tahoe_time(metadata: dict[str, Any], key: str) -> int | None:
 
 def _int(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _device(value: Any) -> int:
+    """A device number from its stored `[major, minor]`; 0 for anything else."""
+    if isinstance(value, list) and len(value) == 2 and all(_int(part, -1) >= 0 for part in value):
+        try:
+            return os.makedev(value[0], value[1])
+        except (OverflowError, ValueError):
+            return 0
+    return 0
 
 
 def posix_fields(metadata: dict[str, Any], *, is_dir: bool, writable: bool, uid: int, gid: int) -> PosixFields:
@@ -60,6 +81,8 @@ def posix_fields(metadata: dict[str, Any], *, is_dir: bool, writable: bool, uid:
                 xattrs[str(name)] = base64.b64decode(value, validate=True)
             except (TypeError, ValueError):
                 continue
+    special_name = ours.get("special")
+    special = SPECIAL_TYPES.get(special_name, 0) if isinstance(special_name, str) else 0
     return PosixFields(
         mode=_int(ours.get("mode"), default_mode) & 0o7777,
         uid=_int(ours.get("uid"), uid),
@@ -67,6 +90,8 @@ def posix_fields(metadata: dict[str, Any], *, is_dir: bool, writable: bool, uid:
         mtime_ns=mtime,
         ctime_ns=_int(ours.get("ctime_ns"), mtime),
         symlink=ours.get("symlink") is True,
+        special=special,
+        rdev=_device(ours.get("device")) if special in DEVICE_TYPES else 0,
         xattrs=xattrs,
     )
 
@@ -82,6 +107,10 @@ def with_posix_fields(metadata: dict[str, Any], fields: PosixFields) -> dict[str
     }
     if fields.symlink:
         ours["symlink"] = True
+    if fields.special:
+        ours["special"] = SPECIAL_NAMES[fields.special]
+        if fields.special in DEVICE_TYPES:
+            ours["device"] = [os.major(fields.rdev), os.minor(fields.rdev)]
     if fields.xattrs:
         ours["xattrs"] = {name: base64.b64encode(value).decode() for name, value in sorted(fields.xattrs.items())}
     updated = dict(metadata)
@@ -89,7 +118,19 @@ def with_posix_fields(metadata: dict[str, Any], fields: PosixFields) -> dict[str
     return updated
 
 
-def file_type(is_dir: bool, fields: PosixFields) -> int:
-    if is_dir:
+def entry_type(cap: Cap, metadata: dict[str, Any]) -> int:
+    """The file type (stat.S_IFMT) an entry shows: what the mount and `blackmatch ls -l` make of it.
+
+    A special file's entry holds an empty LIT cap; one flagged special that holds content was overwritten by a
+    client that kept the old metadata (Tahoe does, by default), so it is the regular file its content says."""
+    if isinstance(cap, DirectoryCap):
         return stat.S_IFDIR
-    return stat.S_IFLNK if fields.symlink else stat.S_IFREG
+    ours = metadata.get(POSIX_KEY)
+    if not isinstance(ours, dict):
+        return stat.S_IFREG
+    if ours.get("symlink") is True:
+        return stat.S_IFLNK
+    special = ours.get("special")
+    if isinstance(special, str) and special in SPECIAL_TYPES and isinstance(cap, LiteralCap) and not cap.data:
+        return SPECIAL_TYPES[special]
+    return stat.S_IFREG

@@ -23,6 +23,9 @@ from .journal_records import Change, Removal
 from .local_files import LocalFile
 
 DIRECTORY, FILE, SYMLINK = "dir", "file", "symlink"
+# A FIFO, socket or device: an entry whose kind and device numbers live in the metadata (metadata.py), with an
+# empty LIT cap. The kernel serves opens of these itself; no content of theirs is ever read or written here.
+SPECIAL = "special"
 # An entry linking its own directory or one of that directory's ancestors (Tahoe allows such loops): the kernel
 # refuses a directory inode found below itself, and the tree below it would be endless, so it is shown as a
 # symlink to the ancestor.
@@ -31,7 +34,7 @@ LOOP = "loop"
 
 @dataclass(eq=False)
 class Inode:
-    """A file, directory or symlink as the kernel knows it, linked at (parent, name) or detached."""
+    """A file, directory, symlink or special file as the kernel knows it, linked at (parent, name) or detached."""
 
     number: int
     kind: str

@@ -64,6 +64,7 @@ class Attributes:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    rdev: int = 0  # a device's number, as st_rdev (os.makedev(major, minor)); 0 for anything else
     generation: int = 0
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
@@ -157,7 +158,7 @@ class Operations(Protocol):
 
     async def symlink(self, parent: int, name: str, target: str, caller: Caller) -> Attributes: ...
 
-    async def mknod(self, parent: int, name: str, mode: int, caller: Caller) -> Attributes: ...
+    async def mknod(self, parent: int, name: str, mode: int, rdev: int, caller: Caller) -> Attributes: ...
 
     async def unlink(self, parent: int, name: str) -> None: ...
 

@@ -194,7 +194,15 @@ _METHODS = [
     _method("readlink", ("inode", _int)),
     _method("mkdir", ("parent", _int), ("name", _str), ("mode", _int), ("caller", _caller), result=_attributes),
     _method("symlink", ("parent", _int), ("name", _str), ("target", _str), ("caller", _caller), result=_attributes),
-    _method("mknod", ("parent", _int), ("name", _str), ("mode", _int), ("caller", _caller), result=_attributes),
+    _method(
+        "mknod",
+        ("parent", _int),
+        ("name", _str),
+        ("mode", _int),
+        ("rdev", _int),
+        ("caller", _caller),
+        result=_attributes,
+    ),
     _method("unlink", ("parent", _int), ("name", _str)),
     _method("rmdir", ("parent", _int), ("name", _str)),
     _method(

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 PROTOCOL = "blackmatch-rpc"
-VERSION = 1
+VERSION = 2
 MAX_BODY = 64 * 1024 * 1024 + 64 * 1024  # the largest read or write the shim asks for, plus its JSON
 _HEADER = struct.Struct(">II")
 

@@ -233,24 +233,84 @@ def test_a_directory_loop_is_a_symlink_to_the_ancestor(node):
     run(node, body)
 
 
-def test_mknod_makes_regular_files_only(node):
-    """tar --xattrs makes each file that has attributes with mknod before it writes it. FIFOs and devices are
-    refused (EPERM), as on filesystems without special files."""
+def test_mknod_makes_regular_files(node):
+    """tar --xattrs makes each file that has attributes with mknod before it writes it."""
 
     async def body(fs: GridFilesystem) -> None:
-        made = await fs.mknod(ROOT_INODE, "empty", stat.S_IFREG | 0o640, CALLER)
+        made = await fs.mknod(ROOT_INODE, "empty", stat.S_IFREG | 0o640, 0, CALLER)
         assert stat.S_ISREG(made.mode) and made.mode & 0o777 == 0o640 and made.size == 0
         fh = await fs.open(made.inode, os.O_WRONLY)
         await fs.write(fh, 0, b"filled")
         await fs.release(fh)
-        with pytest.raises(FsError) as refused:
-            await fs.mknod(ROOT_INODE, "fifo", stat.S_IFIFO | 0o644, CALLER)
-        assert refused.value.errno == errno.EPERM
         assert await fs.drain()
         listing = await grid_listing(fs, node[1])
         assert set(listing) == {"empty"}
         assert listing["empty"].metadata["blackmatch"]["mode"] == 0o640
+        assert "special" not in listing["empty"].metadata["blackmatch"]
         assert await read_immutable(fs.grid, listing["empty"].cap) == b"filled"  # type: ignore[arg-type]
+
+    run(node, body)
+
+
+SPECIALS = {
+    "fifo": (stat.S_IFIFO, 0),
+    "socket": (stat.S_IFSOCK, 0),
+    "char": (stat.S_IFCHR, os.makedev(1, 3)),
+    "block": (stat.S_IFBLK, os.makedev(259, 70000)),
+}
+
+
+def test_special_files_are_empty_lit_entries_with_their_kind_in_metadata(node):
+    """FIFOs, sockets and devices: the kind and device numbers in the entry's `blackmatch` metadata, an empty LIT
+    cap (a Tahoe client sees an empty file). Their content can be neither read nor written through the operations
+    (the kernel opens them itself), chmod keeps the kind, and they come back the same from the grid."""
+
+    async def body(fs: GridFilesystem) -> None:
+        for name, (file_type, rdev) in SPECIALS.items():
+            made = await fs.mknod(ROOT_INODE, name, file_type | 0o640, rdev, CALLER)
+            assert (stat.S_IFMT(made.mode), made.mode & 0o7777, made.rdev, made.size) == (file_type, 0o640, rdev, 0)
+            for flags in (os.O_RDONLY, os.O_WRONLY | os.O_TRUNC):
+                with pytest.raises(FsError) as refused:
+                    await fs.open(made.inode, flags)
+                assert refused.value.errno == errno.ENXIO
+            with pytest.raises(FsError) as refused:
+                await fs.setattr(made.inode, AttrChanges(size=3), None)
+            assert refused.value.errno == errno.EINVAL
+            changed = await fs.setattr(made.inode, AttrChanges(mode=0o604), None)
+            assert (changed.mode, changed.rdev) == (file_type | 0o604, rdev)
+        with pytest.raises(FsError) as refused:
+            await fs.mknod(ROOT_INODE, "dir", stat.S_IFDIR | 0o755, 0, CALLER)
+        assert refused.value.errno == errno.EINVAL
+        assert await fs.drain()
+        listing = await grid_listing(fs, node[1])
+        assert set(listing) == set(SPECIALS)
+        for name, (_file_type, rdev) in SPECIALS.items():
+            assert listing[name].cap == LiteralCap(b"")
+            ours = listing[name].metadata["blackmatch"]
+            assert ours["special"] == name and ours["mode"] == 0o604
+            assert ours.get("device") == ([os.major(rdev), os.minor(rdev)] if rdev else None)
+            expire_listing(fs.root.directory)
+            again = await fs.lookup(ROOT_INODE, name)
+            assert (again.mode, again.rdev) == (SPECIALS[name][0] | 0o604, rdev)
+
+    run(node, body)
+
+
+def test_a_special_entry_given_content_elsewhere_is_a_regular_file(node):
+    """A client that replaces an entry's cap but keeps its metadata (Tahoe does) makes a FIFO's entry a file."""
+
+    async def body(fs: GridFilesystem) -> None:
+        await fs.mknod(ROOT_INODE, "fifo", stat.S_IFIFO | 0o644, 0, CALLER)
+        assert await fs.drain()
+        listing = await grid_listing(fs, node[1])
+        await modify_directory(
+            fs.grid,
+            parse_cap(node[1]),  # type: ignore[arg-type]
+            linker("fifo", LiteralCap(b"content"), replace_files=True, metadata=listing["fifo"].metadata),
+        )
+        expire_listing(fs.root.directory)
+        seen = await fs.lookup(ROOT_INODE, "fifo")
+        assert (stat.S_IFMT(seen.mode), seen.size, seen.rdev) == (stat.S_IFREG, 7, 0)
 
     run(node, body)
 
