@@ -462,10 +462,29 @@ class GridFilesystem:
             return inode.local.size
         return BLOCK if inode.kind == DIRECTORY else 0
 
+    def _nlink(self, inode: Inode) -> int | None:
+        """st_nlink: 0 once the inode has no name (an open file unlinked or renamed over, a removed directory);
+        for a directory 2 plus its subdirectories, counted from its listing and pending changes, or None while its
+        listing has not been read (reading it for a stat would cost a grid read for each directory `ls -l`
+        shows); for anything else its number of names, which is 1."""
+        if inode.parent is None and inode is not self.root:
+            return 0
+        if inode.kind != DIRECTORY:
+            return 1
+        directory = inode.directory
+        assert directory is not None
+        if directory.listing is None:
+            return None
+        pending = self._pending_in(directory)
+        listed = [entry.cap for name, entry in directory.listing.items() if name not in pending]
+        linked = [change.kind for change in pending.values() if isinstance(change, Link)]
+        return 2 + sum(isinstance(cap, DirectoryCap) for cap in listed) + linked.count(DIRECTORY)
+
     async def _attributes(self, inode: Inode) -> Attributes:
         fields = self._fields(inode)
         size = await self._size(inode)
         timeout = min(1.0, self.options.cache_timeout)
+        nlink = self._nlink(inode)
         file_type = {
             LOOP: stat.S_IFLNK,
             DIRECTORY: stat.S_IFDIR,
@@ -475,7 +494,9 @@ class GridFilesystem:
         return Attributes(
             inode=inode.number,
             mode=file_type | (0o777 if inode.kind == LOOP else fields.mode),
-            nlink=2 if inode.kind == DIRECTORY else 1,
+            # A count not known yet shows as 1 ("unknown" to find and the like), and the kernel is to ask again at
+            # the next stat, by when the directory has usually been read (listed, or a name in it looked up).
+            nlink=1 if nlink is None else nlink,
             rdev=fields.rdev,
             uid=fields.uid,
             gid=fields.gid,
@@ -483,7 +504,7 @@ class GridFilesystem:
             atime_ns=fields.mtime_ns,
             mtime_ns=fields.mtime_ns,
             ctime_ns=fields.ctime_ns,
-            attr_timeout=timeout,
+            attr_timeout=timeout if nlink is not None else 0.0,
             entry_timeout=timeout,
         )
 

@@ -315,6 +315,35 @@ def test_a_special_entry_given_content_elsewhere_is_a_regular_file(node):
     run(node, body)
 
 
+def test_link_counts(node):
+    """A directory has 2 links plus one per subdirectory, pending or published, and 1 ("unknown") until its
+    listing is read; a file has 1, and 0 once unlinked while open."""
+
+    async def body(fs: GridFilesystem) -> None:
+        top = await fs.mkdir(ROOT_INODE, "top", 0o755, CALLER)
+        for name in ("a", "b"):
+            await fs.mkdir(top.inode, name, 0o755, CALLER)
+        assert (await fs.getattr(top.inode)).nlink == 4  # pending
+        assert await fs.drain()
+        fh, file = await fs.create(top.inode, "f", 0o644, os.O_WRONLY | os.O_CREAT, CALLER)
+        assert (await fs.getattr(top.inode)).nlink == 4  # published, and a file is no subdirectory
+        await fs.rename(top.inode, "b", ROOT_INODE, "b", 0)
+        assert [(await fs.getattr(inode)).nlink for inode in (top.inode, ROOT_INODE)] == [3, 4]
+        assert (await fs.getattr(file.inode)).nlink == 1
+        await fs.unlink(top.inode, "f")
+        assert (await fs.getattr(file.inode)).nlink == 0
+        await fs.release(fh)
+
+    async def after_restart(fs: GridFilesystem) -> None:
+        top = await fs.lookup(ROOT_INODE, "top")
+        assert top.nlink == 1  # its listing is not read yet
+        await fs.releasedir(await fs.opendir(top.inode))
+        assert (await fs.getattr(top.inode)).nlink == 3
+
+    run(node, body)
+    run(node, after_restart)
+
+
 def test_readdir_offsets_are_stable(node):
     async def body(fs: GridFilesystem) -> None:
         names = [f"file-{i:04d}" for i in range(1200)]
