@@ -22,6 +22,7 @@ from typing import IO, BinaryIO, TypeVar
 
 import trio
 
+from grid_server.metadata import SPECIAL_DESCRIPTIONS, entry_type
 from grid_server.names import NAME_MAX, from_tahoe, showable, to_tahoe, too_long
 from lafs_core.caps import (
     Cap,
@@ -383,9 +384,12 @@ async def _upload_path(grid: Grid, path: Path, mutable: bool) -> Cap:
 
 async def get_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
     root, components = _location(args.source, node)
-    cap, _entry = await resolve(grid, root, components)
+    cap, entry = await resolve(grid, root, components)
     if isinstance(cap, DirectoryCap):
         raise NotADirectoryCapError(f"{shown_location(args.source)} is a directory; use ls")
+    special = SPECIAL_DESCRIPTIONS.get(entry_type(cap, entry.metadata)) if entry is not None else None
+    if special is not None:
+        raise LafsError(f"{shown_location(args.source)} is {special}, which has no content to get")
     if not args.local:
         await _download(grid, cap, sys.stdout.buffer)
         return 0

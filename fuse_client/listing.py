@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from typing import Any
 
+from grid_server.metadata import DEVICE_TYPES, entry_type, posix_fields
 from lafs_core.caps import (
     Cap,
     ChkCap,
@@ -59,12 +62,18 @@ def node_json(cap: Cap, entry: DirEntry | None = None) -> list[Any]:
 
 
 def long_line(name: str, cap: Cap, entry: DirEntry) -> str:
-    """`tahoe ls -l` style: type and permissions, size, link time, name."""
+    """`tahoe ls -l` style: type and permissions, size, link time, name. The type is what the mount shows (a
+    symlink `l`, a FIFO `p`, a socket `s`, a device `c` or `b`, with "major, minor" for its size, as `ls -l`
+    gives them); Tahoe's own `ls -l` shows these as empty files."""
     kind = node_kind(cap)
-    mode = {"dirnode": "d", "filenode": "-", "unknown": "?"}[kind]
+    file_type = entry_type(cap, entry.metadata)
+    mode = "?" if kind == "unknown" else stat.filemode(file_type)[0]
     mode += "r" + ("w" if not cap.is_readonly else "-") + ("x" if kind == "dirnode" else "-")
     size = "-"
-    if isinstance(cap, ChkCap | LiteralCap):
+    if file_type in DEVICE_TYPES:
+        rdev = posix_fields(entry.metadata, is_dir=False, writable=True, uid=0, gid=0).rdev
+        size = f"{os.major(rdev)}, {os.minor(rdev)}"
+    elif isinstance(cap, ChkCap | LiteralCap):
         size = str(cap.size)
     linked = (
         entry.metadata.get("tahoe", {}).get("linkmotime") if isinstance(entry.metadata.get("tahoe"), dict) else None

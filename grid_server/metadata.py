@@ -29,6 +29,12 @@ NS = 1_000_000_000
 SPECIAL_TYPES = {"fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK, "char": stat.S_IFCHR, "block": stat.S_IFBLK}
 SPECIAL_NAMES = {file_type: name for name, file_type in SPECIAL_TYPES.items()}
 DEVICE_TYPES = (stat.S_IFCHR, stat.S_IFBLK)
+SPECIAL_DESCRIPTIONS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .mounting import MOUNT_MARKS, Mount, wipe_cache
+from .mounting import MOUNT_MARKS, Mount, blackmatch, wipe_cache
 from .posix_compare import Places, outcome, places_fixture, stat_fields
 
 pytestmark = MOUNT_MARKS
@@ -193,6 +193,15 @@ def test_special_files_and_link_counts_survive_a_remount_with_a_wiped_cache(tmp_
         written = {name: stat_fields(tree / name, *SPECIAL_FIELDS) for name in special_names()}
         assert written["null"]["rdev"] == DEVICES["null"][1] and written["fifo"]["kind"] == "fifo", written
         assert os.stat(tree).st_nlink == 4
+    # the command line shows each kind (and a device's numbers) and refuses to get a special file's content
+    listed = blackmatch("ls", "-l", "-d", str(node), "tahoe:tree")
+    assert listed.returncode == 0, listed.stderr
+    letters = {line.split()[-1]: line[0] for line in listed.stdout.splitlines()}
+    assert letters == {"fifo": "p", "sock": "s", "null": "c", "disk": "b", "a": "d", "b": "d"}, listed.stdout
+    assert " 259, 70000 " in next(line for line in listed.stdout.splitlines() if line.endswith(" disk"))
+    got = blackmatch("get", "-d", str(node), "tahoe:tree/fifo", str(tmp_path / "copy"))
+    assert got.returncode == 1 and got.stderr.strip().endswith("tahoe:tree/fifo is a FIFO, which has no content to get")
+    assert not (tmp_path / "copy").exists()
     wipe_cache(node)
     with Mount(node, mountpoint) as mount:
         tree = mount.mountpoint / "tree"
