@@ -16,6 +16,8 @@ Tahoe processes (`tahoe_grid.TahoeGrid`: introducer, five storage nodes, one cli
    2-core machine, polled, never slept on. Changes made through the mount in the directories Tahoe made (a partial
    overwrite, an append, a new file, a rename, a rewrite of Tahoe's mutable file, which keeps its cap) are what
    Tahoe then reads.
+   Special files (a FIFO, a socket, devices) made on the mount are empty LIT files to Tahoe, their kind in the
+   entry's `blackmatch` metadata.
 3. The same holds for files the mount keeps a local copy of: one it wrote, one it patched, a mutable one it read
    (the copy must give way to the grid's newer version once nothing in it is unsaved).
 
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,6 +241,38 @@ def test_tree_written_on_mount_is_what_tahoe_lists(grid: TahoeGrid, tmp_path: Pa
     assert after["docs/deep/lit-moved.txt"][1]["ro_uri"] == listed["lit.txt"][1]["ro_uri"]  # moved, not rewritten
     assert after["docs/deep/er/big.bin"][1]["ro_uri"] == listed["docs/deep/er/big.bin"][1]["ro_uri"]
     assert grid.tahoe("get", "tahoe:tree/docs/empty-dir/late.bin").stdout == late
+
+
+def test_special_files_made_on_mount_are_empty_files_to_tahoe(grid: TahoeGrid, tmp_path: Path) -> None:
+    """A FIFO, a socket and devices made on the mount are what Tahoe lists as empty LIT files, their kind and
+    device numbers in the entry's `blackmatch` metadata; and Tahoe's listing of them reads back as they were."""
+    root = root_cap(grid)
+    mountpoint = tmp_path / "mnt"
+    devices = {"null": (stat.S_IFCHR, os.makedev(1, 3)), "loop": (stat.S_IFBLK, os.makedev(7, 0))}
+    expected = {"fifo": ("fifo", None), "sock": ("socket", None), "null": ("char", [1, 3]), "loop": ("block", [7, 0])}
+    with Mount(grid.client_dir, mountpoint):
+        specials = mountpoint / "specials"
+        specials.mkdir()
+        os.mkfifo(specials / "fifo")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(str(specials / "sock"))
+        for name, (kind, device) in devices.items():
+            os.mknod(specials / name, kind | 0o600, device)
+        for directory in (specials, mountpoint):
+            fsync_path(directory)
+
+        assert tahoe_ls(grid, "tahoe:specials") == sorted(expected)
+        listing = web_json(grid, f"{root}/specials")[1]["children"]
+        for name, (special, device) in expected.items():
+            kind, info = listing[name]
+            assert (kind, info["ro_uri"], info["size"]) == ("filenode", "URI:LIT:", 0), (name, listing[name])
+            ours = info["metadata"]["blackmatch"]
+            assert (ours["special"], ours.get("device")) == (special, device), (name, ours)
+        assert grid.tahoe("get", "tahoe:specials/fifo").stdout == b""
+    with Mount(grid.client_dir, mountpoint):
+        kinds = {name: stat.S_IFMT(os.lstat(mountpoint / "specials" / name).st_mode) for name in expected}
+        assert kinds == {"fifo": stat.S_IFIFO, "sock": stat.S_IFSOCK, "null": stat.S_IFCHR, "loop": stat.S_IFBLK}
+        assert os.lstat(mountpoint / "specials" / "loop").st_rdev == os.makedev(7, 0)
 
 
 # --- 2. written by Tahoe, seen on the mount; changed on the mount, seen by Tahoe -------------------------------
