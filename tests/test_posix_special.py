@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,30 @@ def test_a_fifo_passes_data_through_the_kernel(places: Places) -> None:
             outcome(os.listxattr, root / "fifo"),
             stat_fields(root / "fifo"),
         ]
+
+    places.same(case)
+
+
+def test_tar_cp_and_rsync_copy_special_files(places: Places) -> None:
+    """Copies of a tree holding special files, made by the tools that make them, into and within the place."""
+
+    def case(root: Path) -> object:
+        source = root / "source"
+        source.mkdir()
+        make_specials(source)
+        (source / "file").write_bytes(b"content")
+        commands = {
+            "tar": f"tar -cf - -C {source} . | (mkdir {root}/tar && tar -xf - -C {root}/tar)",
+            "cp": f"cp -a {source} {root}/cp",
+            "rsync": f"rsync -a --specials --devices {source}/ {root}/rsync/",
+        }
+        copies: dict[str, Any] = {}
+        for tool, command in commands.items():
+            done = subprocess.run(command, shell=True, capture_output=True, text=True, check=False)
+            copies[tool] = [done.returncode, done.stderr] + [
+                (name, stat_fields(root / tool / name, *SPECIAL_FIELDS)) for name in sorted(os.listdir(root / tool))
+            ]
+        return copies
 
     places.same(case)
 
