@@ -61,12 +61,12 @@ def _int(value: Any, default: int) -> int:
 
 
 def _device(value: Any) -> int:
-    """A device number from its stored `[major, minor]`; 0 for anything else."""
-    if isinstance(value, list) and len(value) == 2 and all(_int(part, -1) >= 0 for part in value):
-        try:
-            return os.makedev(value[0], value[1])
-        except (OverflowError, ValueError):
-            return 0
+    """A device number from its stored `[major, minor]`; 0 for anything else, numbers beyond Linux's 12-bit
+    majors and 20-bit minors included (FUSE carries st_rdev in 32 bits)."""
+    if isinstance(value, list) and len(value) == 2:
+        major, minor = _int(value[0], -1), _int(value[1], -1)
+        if 0 <= major < 1 << 12 and 0 <= minor < 1 << 20:
+            return os.makedev(major, minor)
     return 0
 
 
