@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -43,7 +44,7 @@ from lafs_core.grid.directory import (
 )
 from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid, gather_per_server
-from lafs_core.grid.mutable_io import retrieve
+from lafs_core.grid.mutable_io import create_mutable, retrieve
 from lafs_core.grid.nodedir import NodeDirectory
 from lafs_core.grid.server_api import StorageServer
 from lafs_core.immutable.params import LIT_THRESHOLD
@@ -53,7 +54,15 @@ from .inode_table import HandleTable, InodeTable
 from .journal import WriteJournal
 from .journal_records import Change, Link, Record, Removal, Together
 from .local_files import LocalFile, LocalFiles
-from .metadata import DEVICE_TYPES, SPECIAL_TYPES, PosixFields, entry_type, posix_fields, with_posix_fields
+from .metadata import (
+    DEVICE_TYPES,
+    SPECIAL_TYPES,
+    PosixFields,
+    entry_type,
+    link_identity,
+    posix_fields,
+    with_posix_fields,
+)
 from .names import NAME_MAX, showable, too_long
 from .node_state import NodeState, open_node_state
 from .nodes import DIRECTORY, FILE, LOOP, SPECIAL, SYMLINK, Directory, Inode
@@ -252,14 +261,15 @@ class GridFilesystem:
         for inode in self.inodes:
             for view in (inode.directory, inode.parent):
                 assert view is None or self.directories.get(view.key) is view, f"inode {inode.number}: view let go"
-            if inode.parent is not None:
-                assert inode.parent.inodes.get(inode.name) is inode, f"inode {inode.number} is not at its name"
+            for directory, name in inode.names:
+                assert directory.inodes.get(name) is inode, f"inode {inode.number} is not at its name {name}"
+                assert self.directories.get(directory.key) is directory, f"inode {inode.number}: view let go"
         for key in self.write_back.directories():
             directory = self.directories[key]
             for name, change in self.write_back.pending_in(key).items():
                 if isinstance(change, Link):
                     linked = directory.inodes.get(name)
-                    assert linked is not None and linked.parent is directory and linked.name == name, change
+                    assert linked is not None and (directory, name) in linked.names, change
                     assert self.inodes.holds(linked), f"the inode of {change} is not in the table"
                     if change.local is not None:
                         assert linked.local is not None and linked.local.id == change.local, change
@@ -327,8 +337,8 @@ class GridFilesystem:
         return directory.inodes.get(name) if isinstance(self.write_back.change(directory.key, name), Link) else None
 
     def _entry_pending(self, inode: Inode) -> bool:
-        """Whether the inode's own entry is still to be published."""
-        return inode.parent is not None and self._pending_link(inode.parent, inode.name) is inode
+        """Whether an entry of the inode (any of its names) is still to be published."""
+        return any(self._pending_link(directory, name) is inode for directory, name in inode.names)
 
     def _child(self, directory: Directory, name: str) -> Inode | None:
         """The inode linked at `name` in the directory's view (made from the listing if new), or None."""
@@ -354,18 +364,48 @@ class GridFilesystem:
                 or (inode.kind, inode.loop_target) != (kind, loop_target)
             )
         ):
-            self._detach(inode)  # replaced elsewhere, or a loop made or broken: a new inode for what it is now
+            self._detach(inode, directory, name)  # replaced elsewhere, or a loop made or broken: a new inode for it
             inode = None
+        if inode is None and kind not in (DIRECTORY, LOOP):
+            inode = self._join_link(directory, name, cap, entry.metadata)
         if inode is None:
             inode = self._new_inode(kind, cap, dict(entry.metadata))
             inode.loop_target = loop_target
             self._attach(inode, directory, name)
         elif inode.local is None:
             inode.metadata = dict(entry.metadata)
+            self.inodes.index_link(inode)
         elif settled and isinstance(cap, MutableWriteCap | MutableReadCap) and inode.local_seen != directory.reads:
             # A mutable file's copy is a cache of the version read then: after a re-read, read it again.
             self._release_local(inode)
             inode.metadata = dict(entry.metadata)
+        return inode
+
+    def _join_link(self, directory: Directory, name: str, cap: Cap, metadata: dict[str, Any]) -> Inode | None:
+        """The inode another name of this hard-linked file has in the table, now known at `name` too; None when
+        there is none, or when the entry holds other content than it (rewritten by a client that keeps no links).
+
+        An entry still holding the immutable cap the names shared before the first write through one of them is
+        given the mutable file's cap (a pending change, published with its directory's next update); a mutable
+        file made by another mount replaces the immutable content of an inode that holds nothing of its own."""
+        identity = link_identity(metadata)
+        inode = self.inodes.linked(identity) if identity is not None else None
+        if inode is None:
+            return None
+        self._attach(inode, directory, name)
+        if inode.cap is not None and inode.cap.to_string() == cap.to_string():
+            return inode
+        inode_mutable, entry_mutable = (isinstance(c, MutableWriteCap | MutableReadCap) for c in (inode.cap, cap))
+        if inode_mutable and not entry_mutable:
+            self._touch(inode, [(directory, name)])  # the name still holds the content from before the first write
+        elif entry_mutable and not inode_mutable and self._settled(inode):
+            if inode.local is not None:
+                self._release_local(inode)
+            inode.cap, inode.metadata = cap, dict(metadata)
+            self._touch(inode)  # the other names known here still hold the content from before the first write
+        else:
+            self._unname(inode, directory, name)
+            return None
         return inode
 
     def _settled(self, inode: Inode) -> bool:
@@ -384,16 +424,23 @@ class GridFilesystem:
         files, editors' swap files and the like then cost no upload. A mutable file's content is never orphaned:
         it is published to its cap, which other entries, mounts or clients may hold."""
         owners = self.inodes.owners(local.id)
-        return not any(owner.parent is not None or isinstance(owner.cap, MutableWriteCap) for owner in owners)
+        return not any(owner.names or isinstance(owner.cap, MutableWriteCap) for owner in owners)
 
     def _attach(self, inode: Inode, directory: Directory, name: str) -> None:
-        inode.parent, inode.name = directory, name
+        """Know the inode by `name` in `directory` too (a rename takes the old name away with `_unname`)."""
+        if (directory, name) not in inode.names:
+            inode.names.append((directory, name))
         directory.inodes[name] = inode
 
-    def _detach(self, inode: Inode) -> None:
-        if inode.parent is not None and inode.parent.inodes.get(inode.name) is inode:
-            del inode.parent.inodes[inode.name]
-        inode.parent, inode.name = None, ""
+    def _unname(self, inode: Inode, directory: Directory, name: str) -> None:
+        if (directory, name) in inode.names:
+            inode.names.remove((directory, name))
+        if directory.inodes.get(name) is inode:
+            del directory.inodes[name]
+
+    def _detach(self, inode: Inode, directory: Directory, name: str) -> None:
+        """The inode is no longer at `name` (its other names, if any, stay); let it go if nothing holds it."""
+        self._unname(inode, directory, name)
         self._maybe_drop(inode)
 
     def _maybe_drop(self, inode: Inode) -> None:
@@ -403,8 +450,8 @@ class GridFilesystem:
             return  # its entry is still to be published
         if not self._settled(inode):
             return
-        if inode.parent is not None and inode.parent.inodes.get(inode.name) is inode:
-            del inode.parent.inodes[inode.name]
+        for directory, name in list(inode.names):
+            self._unname(inode, directory, name)
         self.inodes.remove(inode)
         if inode.local is not None:
             self._release_local(inode)
@@ -429,6 +476,15 @@ class GridFilesystem:
     def _set_fields(self, inode: Inode, fields: PosixFields) -> None:
         inode.metadata = with_posix_fields(inode.metadata, fields)
         inode.written_ns = None  # folded into the metadata
+        self.inodes.index_link(inode)
+
+    @staticmethod
+    def _file_links(inode: Inode, fields: PosixFields) -> int:
+        """st_nlink of a file, symlink or other non-directory: the count of names its entries keep, or the names
+        this server knows it by if more. The count is what the last blackmatch mount that added or removed a name
+        recorded in the names it knew of: names another client adds or removes, or a name removed while some
+        others were never looked up, leave it stale (README, Limits)."""
+        return max(fields.link_count, len(inode.names)) if fields.link_id is not None else 1
 
     def _change_fields(self, inode: Inode, fields: PosixFields) -> None:
         """Set the inode's fields and record the change; one that cannot be recorded is not made."""
@@ -462,15 +518,15 @@ class GridFilesystem:
             return inode.local.size
         return BLOCK if inode.kind == DIRECTORY else 0
 
-    def _nlink(self, inode: Inode) -> int | None:
+    def _nlink(self, inode: Inode, fields: PosixFields) -> int | None:
         """st_nlink: 0 once the inode has no name (an open file unlinked or renamed over, a removed directory);
         for a directory 2 plus its subdirectories, counted from its listing and pending changes, or None while its
         listing has not been read (reading it for a stat would cost a grid read for each directory `ls -l`
-        shows); for anything else its number of names, which is 1."""
+        shows); for anything else its number of names (`_file_links`)."""
         if inode.parent is None and inode is not self.root:
             return 0
         if inode.kind != DIRECTORY:
-            return 1
+            return self._file_links(inode, fields)
         directory = inode.directory
         assert directory is not None
         if directory.listing is None:
@@ -484,7 +540,7 @@ class GridFilesystem:
         fields = self._fields(inode)
         size = await self._size(inode)
         timeout = min(1.0, self.options.cache_timeout)
-        nlink = self._nlink(inode)
+        nlink = self._nlink(inode, fields)
         file_type = {
             LOOP: stat.S_IFLNK,
             DIRECTORY: stat.S_IFDIR,
@@ -584,10 +640,15 @@ class GridFilesystem:
         if inode.local is not None:
             self._release_local(inode)
 
-    def _touch(self, inode: Inode) -> None:
-        """Re-record an inode's entry after its content or attributes changed."""
-        if inode.parent is not None:
-            self._record_link(inode.parent, inode.name, inode)
+    def _touch(self, inode: Inode, names: list[tuple[Directory, str]] | None = None) -> None:
+        """Re-record the inode's entries (at `names`, default all it is known by) after its content or attributes
+        changed: every name of a hard-linked file shows them. Names in read-only directories (or on a read-only
+        mount) cannot change, and keep what they have."""
+        if self.readonly:
+            return
+        for directory, name in list(inode.names if names is None else names):
+            if not directory.cap.is_readonly:
+                self._record_link(directory, name, inode)
 
     async def _publish_directory(self, key: str) -> None:
         """One publish of the directory's ready changes (many names in one update); raises if it fails."""
@@ -675,9 +736,15 @@ class GridFilesystem:
             raise LafsError("the directory of a queued change is not a directory cap")
         directory = self.directories.view(directory_cap)
         if isinstance(change, Link):
-            inode = self._new_inode(change.kind, parse_cap(change.cap) if change.cap else None, dict(change.metadata))
-            if change.local is not None:
-                self.inodes.give_local(inode, content[change.local])
+            identity = link_identity(change.metadata)
+            inode = self.inodes.linked(identity) if identity is not None else None
+            local = content[change.local] if change.local is not None else None
+            cap = parse_cap(change.cap) if change.cap else None
+            if inode is None or inode.local is not local or inode.cap != cap:
+                # (not another name of a hard-linked file whose names the journal left in the same state)
+                inode = self._new_inode(change.kind, cap, dict(change.metadata))
+                if change.local is not None:
+                    self.inodes.give_local(inode, content[change.local])
             self._attach(inode, directory, change.name)
         if self.write_back.ready(directory.key).get(change.name) == change:
             self.publisher.want(directory.key)
@@ -707,8 +774,9 @@ class GridFilesystem:
         self._record_progress(self.write_back.mark_uploaded(local.id, cap.to_string()))
         for owner in self.inodes.owners(local.id):
             owner.cap = cap
-            if owner.parent is not None and self._entry_pending(owner):
-                self.publisher.want(owner.parent.key)
+            for directory, name in owner.names:
+                if self._pending_link(directory, name) is owner:
+                    self.publisher.want(directory.key)
         self._note_progress()
 
     # --- content ------------------------------------------------------------------------------------------
@@ -753,6 +821,23 @@ class GridFilesystem:
         inode.local_seen = inode.parent.reads if inode.parent is not None else 0
         return local
 
+    async def _writable_copy(self, inode: Inode, truncate: bool = False) -> LocalFile:
+        """The local copy to write the inode's new content into. A file with several names is first made a mutable
+        file (SDMF/MDMF, the grid's format) that every name then holds: its content goes there on upload, where
+        every name, mount and later version sees it. Linking stays cheap (the names share the immutable cap); only
+        the first write through a linked file pays for a key and the new file's first (empty) version. Until the
+        content is uploaded, each name's entry waits for it and keeps its old content on the grid."""
+        local = await self._materialize(inode, truncate)
+        if self._file_links(inode, self._fields(inode)) > 1 and not isinstance(inode.cap, MutableWriteCap):
+            try:
+                cap = await create_mutable(self.grid, b"")
+            except LafsError as exc:
+                raise FsError(errno.EIO, f"cannot make the linked file writable through all its names: {exc}") from None
+            inode.cap = cap
+            local.mark_dirty()  # the content is not at the new cap yet
+            self._touch(inode)
+        return local
+
     # --- operations: lookup and attributes -------------------------------------------------------------------
     async def lookup(self, parent: int, name: str) -> Attributes:
         self._check_length(name)
@@ -789,7 +874,7 @@ class GridFilesystem:
         if changes.size is not None:
             if node.kind != FILE:
                 raise FsError(errno.EISDIR if node.kind == DIRECTORY else errno.EINVAL)
-            local = await self._materialize(node, truncate=changes.size == 0)
+            local = await self._writable_copy(node, truncate=changes.size == 0)
             with local_disk("cannot resize the local copy"):
                 local.truncate(changes.size)
             fields.mtime_ns = now
@@ -915,7 +1000,24 @@ class GridFilesystem:
             if child.names(self._pending_in(child)):
                 raise FsError(errno.ENOTEMPTY)
         self._record_removal(directory, name)
-        self._detach(inode)
+        self._name_removed(inode, directory, name)
+
+    def _name_removed(self, inode: Inode, directory: Directory, name: str) -> None:
+        """This mount removed the inode's name `name` (unlink, or a rename over it): a hard-linked file counts one
+        name fewer in the names it is known by, and one left with a single name is an ordinary file again."""
+        fields = self._fields(inode)
+        links = self._file_links(inode, fields)
+        self._unname(inode, directory, name)
+        if fields.link_id is not None:
+            fields.link_count = links - 1
+            if fields.link_count <= 1:
+                fields.link_id, fields.link_count = None, 1
+            fields.ctime_ns = time.time_ns()
+            try:
+                self._change_fields(inode, fields)
+            except FsError as exc:  # the name is gone all the same; only the count the others show stays as it was
+                log.warning("cannot record the link count of a file's other names: %s", exc)
+        self._maybe_drop(inode)
 
     async def rename(self, parent_old: int, name_old: str, parent_new: int, name_new: str, flags: int) -> None:
         if flags & RENAME_EXCHANGE and flags & RENAME_NOREPLACE:
@@ -933,6 +1035,8 @@ class GridFilesystem:
             return
         self._check_not_into_itself(inode, target_dir)
         replaced = self._child(target_dir, name_new)
+        if replaced is inode:
+            return  # two names of one file: Linux leaves both
         if flags & RENAME_EXCHANGE:
             if replaced is None:
                 raise FsError(errno.ENOENT)
@@ -940,6 +1044,8 @@ class GridFilesystem:
             # Both links in one journal record: after a crash, both names are swapped or neither.
             there, back = self._new_link(target_dir, name_new, inode), self._new_link(source_dir, name_old, replaced)
             self._record_change(there, back)
+            self._unname(inode, source_dir, name_old)
+            self._unname(replaced, target_dir, name_new)
             self._linked(target_dir, name_new, inode, there)
             self._linked(source_dir, name_old, replaced, back)
             return
@@ -958,9 +1064,8 @@ class GridFilesystem:
         # and a crash or refusal between the two records leaves two names, never none.
         self._record_link(target_dir, name_new, inode)
         if replaced is not None:
-            self._detach(replaced)
-        if source_dir.inodes.get(name_old) is inode:
-            del source_dir.inodes[name_old]
+            self._name_removed(replaced, target_dir, name_new)
+        self._unname(inode, source_dir, name_old)
         self._record_removal(source_dir, name_old)
 
     def _check_not_into_itself(self, inode: Inode, directory: Directory) -> None:
@@ -969,18 +1074,29 @@ class GridFilesystem:
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
 
     async def link(self, inode: int, new_parent: int, new_name: str) -> Attributes:
+        """A new name for a file: the same inode under both. Every name's entry holds the file's cap and a link
+        identity with the count of names (metadata.py), so a lookup of any name, by this mount or a later one,
+        finds the one inode (the table of linked inodes, by identity). Linking costs no key and no upload, only
+        the entries (the new name, and the count in the names known): a tree of files linked by `cp -al` or
+        rsnapshot is as cheap as its directories. The first write through any name makes the file mutable
+        (`_writable_copy`), and every name known gets the mutable cap; a name not looked up since the mount
+        started gets it when next looked up while another name's inode is known."""
         node = self.inodes[inode]
-        if node.kind == DIRECTORY:
+        if node.kind in (DIRECTORY, LOOP):
             raise FsError(errno.EPERM, "directories cannot be hard-linked")
+        if not node.names:
+            raise FsError(errno.ENOENT, "the file has no name left to link to")
         directory = await self._new_entry_checks(new_parent, new_name)
-        twin = self._new_inode(node.kind, node.cap, dict(self._folded_metadata(node)))
-        if node.local is not None:  # the same content: both entries get the cap its upload makes
-            self.inodes.give_local(twin, node.local)
-        self._enter_new(directory, new_name, twin)
-        if twin.local is not None and twin.local.dirty and twin.local.writers == 0:
-            self.uploader.queue(twin.local)  # wanted again, if its upload was skipped while it had no name
-        twin.lookups += 1
-        return await self._attributes(twin)
+        fields = self._fields(node)
+        fields.link_count = self._file_links(node, fields) + 1
+        fields.link_id = fields.link_id or secrets.token_hex(16)
+        fields.ctime_ns = time.time_ns()
+        self._change_fields(node, fields)
+        self._record_link(directory, new_name, node)
+        if node.local is not None and node.local.dirty and node.local.writers == 0:
+            self.uploader.queue(node.local)  # wanted again, if its upload was skipped while it had no name
+        node.lookups += 1
+        return await self._attributes(node)
 
     # --- operations: files --------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int) -> int:
@@ -996,7 +1112,7 @@ class GridFilesystem:
             if not self._replaceable(node.cap):
                 raise FsError(errno.EACCES, "the file is read-only")
             had_copy = node.local is not None
-            local = await self._materialize(node, truncate=truncate)
+            local = await self._writable_copy(node, truncate=truncate)
             if truncate:
                 try:
                     self._mark_written(node, was_dirty=False)
@@ -1079,15 +1195,18 @@ class GridFilesystem:
                 )
         with local_disk("cannot sync the journal"):
             self.journal.sync()
-        node: Inode | None = inode
-        while node is not None and node.parent is not None:
-            directory = node.parent
-            while self._pending_link(directory, node.name) is node:
+        # every name of the inode, then each directory's own entry up to the root
+        entries = [(inode, directory, name) for directory, name in inode.names]
+        while entries:
+            node, directory, name = entries.pop()
+            while self._pending_link(directory, name) is node:
                 await self.publisher.round(directory.key)
                 failure = self.publisher.retries.failures.get(directory.key)
-                if failure is not None and self._pending_link(directory, node.name) is node:
+                if failure is not None and self._pending_link(directory, name) is node:
                     raise FsError(errno.EIO, f"directory update failed: {failure.error}")
-            node = directory.inode
+            above = directory.inode
+            if above is not None and above.parent is not None:
+                entries.append((above, above.parent, above.name))
 
     async def release(self, fh: int) -> None:
         handle = self.handles.close(fh)

@@ -16,6 +16,7 @@ from typing import Any
 from lafs_core.caps import Cap
 
 from .local_files import LocalFile
+from .metadata import link_identity
 from .nodes import Inode
 from .operations import ROOT_INODE, FsError
 
@@ -26,6 +27,8 @@ class InodeTable:
         self._inodes: dict[int, Inode] = {ROOT_INODE: root}
         self._next = max(first_number, ROOT_INODE + 1)
         self._owners: dict[str, set[Inode]] = {}  # local copies by id, and the inodes whose content each holds
+        self._linked: dict[str, Inode] = {}  # hard-linked files by link identity: every name finds the one inode
+        self._link_of: dict[int, str] = {}  # the identity each inode in `_linked` is filed under, by number
 
     def __contains__(self, number: int) -> bool:
         return number in self._inodes
@@ -51,11 +54,34 @@ class InodeTable:
         inode = Inode(self._next, kind, cap, metadata)
         self._next += 1
         self._inodes[inode.number] = inode
+        self.index_link(inode)
         return inode
 
     def remove(self, inode: Inode) -> None:
         if self.holds(inode):
             del self._inodes[inode.number]
+        self._unindex_link(inode)
+
+    # --- hard links -------------------------------------------------------------------------------------
+    def index_link(self, inode: Inode) -> None:
+        """File the inode under the link identity its metadata now carries, if any (call after it changes)."""
+        self._unindex_link(inode)
+        identity = link_identity(inode.metadata)
+        if identity is not None and self.holds(inode):
+            self._linked[identity] = inode
+            self._link_of[inode.number] = identity
+
+    def _unindex_link(self, inode: Inode) -> None:
+        identity = self._link_of.pop(inode.number, None)
+        if identity is not None and self._linked.get(identity) is inode:
+            del self._linked[identity]
+
+    def linked(self, identity: str) -> Inode | None:
+        """The inode of the hard-linked file with this identity, if one is in the table and still carries it."""
+        inode = self._linked.get(identity)
+        if inode is None or not self.holds(inode) or link_identity(inode.metadata) != identity:
+            return None
+        return inode
 
     # --- local copies -----------------------------------------------------------------------------------
     def give_local(self, inode: Inode, local: LocalFile) -> None:

@@ -2,13 +2,18 @@
 
     {"tahoe": {...Tahoe's link times...},
      "blackmatch": {"mode": 420, "uid": 1000, "gid": 1000, "mtime_ns": ..., "ctime_ns": ...,
-                    "symlink": true, "xattrs": {"user.name": "<base64>"}}}
+                    "symlink": true, "xattrs": {"user.name": "<base64>"},
+                    "link": {"id": "<32 hex digits>", "count": 2}}}
 
 Tahoe clients ignore the extra key and see ordinary files and directories; a symlink is a small file holding
 its target. A special file has `"special": "fifo" | "socket" | "char" | "block"` (and a device its numbers,
 `"device": [major, minor]`) and an empty LIT cap, so a Tahoe client sees an empty file. Entries written by Tahoe
 have no `blackmatch` key: their mode defaults from the cap (read-only caps lose the write bits) and their times
 from Tahoe's `linkmotime`/`linkcrtime`.
+
+`link` marks the names of one file with several names (a hard link): every name's entry carries the same random
+identity and the number of names the file had when a blackmatch mount last added or removed one of them. A
+Tahoe client sees each name as an ordinary entry holding the file's cap.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +54,16 @@ class PosixFields:
     special: int = 0  # a special file's type (stat.S_IFIFO, S_IFSOCK, S_IFCHR or S_IFBLK), else 0
     rdev: int = 0  # a device's number as st_rdev gives it (os.makedev(major, minor)), else 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    link_id: str | None = None  # the identity the names of a hard-linked file share
+    link_count: int = 1  # how many names it has, as last recorded (see filesystem.GridFilesystem.link)
+
+
+def link_identity(metadata: Mapping[str, Any]) -> str | None:
+    """The hard-link identity an entry's metadata carries, if any (the key of the table of linked inodes)."""
+    ours = metadata.get(POSIX_KEY)
+    link = ours.get("link") if isinstance(ours, dict) else None
+    identity = link.get("id") if isinstance(link, dict) else None
+    return identity if isinstance(identity, str) and identity else None
 
 
 def _tahoe_time(metadata: dict[str, Any], key: str) -> int | None:
@@ -89,6 +105,8 @@ def posix_fields(metadata: dict[str, Any], *, is_dir: bool, writable: bool, uid:
                 continue
     special_name = ours.get("special")
     special = SPECIAL_TYPES.get(special_name, 0) if isinstance(special_name, str) else 0
+    link = ours.get("link")
+    link_id = link_identity(metadata)
     return PosixFields(
         mode=_int(ours.get("mode"), default_mode) & 0o7777,
         uid=_int(ours.get("uid"), uid),
@@ -99,6 +117,8 @@ def posix_fields(metadata: dict[str, Any], *, is_dir: bool, writable: bool, uid:
         special=special,
         rdev=_device(ours.get("device")) if special in DEVICE_TYPES else 0,
         xattrs=xattrs,
+        link_id=link_id,
+        link_count=max(1, _int(link.get("count"), 1)) if link_id is not None and isinstance(link, dict) else 1,
     )
 
 
@@ -119,6 +139,8 @@ def with_posix_fields(metadata: dict[str, Any], fields: PosixFields) -> dict[str
             ours["device"] = [os.major(fields.rdev), os.minor(fields.rdev)]
     if fields.xattrs:
         ours["xattrs"] = {name: base64.b64encode(value).decode() for name, value in sorted(fields.xattrs.items())}
+    if fields.link_id is not None:
+        ours["link"] = {"id": fields.link_id, "count": fields.link_count}
     updated = dict(metadata)
     updated[POSIX_KEY] = ours
     return updated

@@ -34,14 +34,16 @@ LOOP = "loop"
 
 @dataclass(eq=False)
 class Inode:
-    """A file, directory, symlink or special file as the kernel knows it, linked at (parent, name) or detached."""
+    """A file, directory, symlink or special file as the kernel knows it, linked at its names or detached.
+
+    A file with several names (a hard link) is one inode: `names` holds each (directory, name) this server knows
+    it by, the first being the one its path is shown by; a directory or a file with one name has at most one."""
 
     number: int
     kind: str
     cap: Cap | None  # on the grid (for a file being written: the version it started from)
     metadata: dict[str, Any]
-    parent: Directory | None = None
-    name: str = ""
+    names: list[tuple[Directory, str]] = field(default_factory=list)
     local: LocalFile | None = None
     lookups: int = 0
     opens: int = 0
@@ -49,6 +51,14 @@ class Inode:
     written_ns: int | None = None  # time of a write not yet folded into `metadata` (keeps writes cheap)
     local_seen: int = 0  # the parent's `reads` when `local` was made
     loop_target: str | None = None  # for a loop: the relative path to the directory it links ("." or "../..")
+
+    @property
+    def parent(self) -> Directory | None:
+        return self.names[0][0] if self.names else None
+
+    @property
+    def name(self) -> str:
+        return self.names[0][1] if self.names else ""
 
 
 @dataclass(eq=False)

@@ -736,3 +736,50 @@ def test_directory_views_nothing_uses_are_let_go(node):
                 fs.check()
 
     trio.run(main)
+
+
+def test_hard_links_are_one_inode_and_a_write_through_one_name_reaches_all(node):
+    """A link is one inode under both names; linking uploads nothing and makes no mutable file. The first write
+    through a name makes the file mutable and every known name then holds its cap, on the grid too; a new run
+    finds the one inode again by the link identity, even when the names are in different directories."""
+    shares = node[0].path / "local-grid"
+
+    async def first(fs: GridFilesystem) -> None:
+        sub = await fs.mkdir(ROOT_INODE, "sub", 0o755, CALLER)
+        f = await write_file(fs, ROOT_INODE, "f", b"old content " * 10)
+        before = len(share_files(shares))
+        g = await fs.link(f, sub.inode, "g")
+        assert g.inode == f and g.nlink == 2 and (await fs.getattr(f)).nlink == 2
+        assert await fs.drain()
+        assert len(share_files(shares)) == before  # directory updates in place, no new object
+        fh = await fs.open(g.inode, os.O_WRONLY | os.O_APPEND)
+        await fs.write(fh, (await fs.getattr(f)).size, b"more")
+        await fs.fsync(fh, False)
+        await fs.release(fh)
+        root, below = await grid_listing(fs, node[1]), await grid_listing(fs, fs.inodes[sub.inode].directory.key)
+        assert root["f"].cap == below["g"].cap and root["f"].cap.to_string().startswith("URI:SSK")
+        data, _map, _version = await retrieve(fs.grid, root["f"].cap)
+        assert data == b"old content " * 10 + b"more"
+        assert root["f"].metadata["blackmatch"]["link"] == below["g"].metadata["blackmatch"]["link"]
+
+    async def second(fs: GridFilesystem) -> None:
+        sub = await fs.lookup(ROOT_INODE, "sub")
+        g = await fs.lookup(sub.inode, "g")
+        fh = await fs.open(g.inode, os.O_WRONLY | os.O_TRUNC)
+        await fs.write(fh, 0, b"new")
+        await fs.release(fh)
+        f = await fs.lookup(ROOT_INODE, "f")  # looked up after the write: the same inode, the new content
+        assert f.inode == g.inode and f.nlink == 2 and await read_file(fs, f.inode) == b"new"
+        await fs.rename(ROOT_INODE, "f", sub.inode, "g", 0)  # two names of one file: both stay
+        assert (await fs.lookup(ROOT_INODE, "f")).inode == g.inode
+        await fs.unlink(ROOT_INODE, "f")
+        assert (await fs.getattr(g.inode)).nlink == 1
+
+    async def third(fs: GridFilesystem) -> None:
+        sub = await fs.lookup(ROOT_INODE, "sub")
+        g = await fs.lookup(sub.inode, "g")
+        assert g.nlink == 1 and await read_file(fs, g.inode) == b"new"
+        assert "link" not in fs.inodes[g.inode].metadata["blackmatch"]
+
+    for body in (first, second, third):
+        run(node, body)
