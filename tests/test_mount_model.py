@@ -2,7 +2,9 @@
 
 Operations: writes at random offsets (holes included), appends, truncates, reads, mmap reads, renames of files (over
 existing ones too, across directories) and of directories, unlinks, open-unlink-read (the open descriptor still
-reads the old content), mkdir and rmdir. Every read is compared with the model at once. Checkpoints:
+reads the old content), hard links (names of one file share its content in the model: a write through one is read
+through all, and unlinks and renames take one name), mkdir and rmdir. Every read is compared with the model at
+once. Checkpoints:
 
 - fsync: a file is fsynced, and its `user.tahoe.cap` read with `blackmatch get` from the grid equals the model;
 - remount: the mount is unmounted (which waits for the upload queue) and mounted again, every second time with the
@@ -40,7 +42,8 @@ MAX_FILE = 300 * 1024  # three 128 KiB segments: reads and writes cross segment 
 
 @dataclass
 class Model:
-    """What the tree must hold: files by relative path, and directories."""
+    """What the tree must hold: files by relative path (the names of one hard-linked file share one bytearray), and
+    directories."""
 
     files: dict[str, bytearray] = field(default_factory=dict)
     directories: set[str] = field(default_factory=lambda: set(TOP_DIRECTORIES))
@@ -70,6 +73,10 @@ class Model:
         prefix = directory + "/"
         below = [p[len(prefix) :] for p in [*self.files, *self.directories] if p.startswith(prefix)]
         return {name for name in below if "/" not in name}
+
+    def names_of(self, path: str) -> int:
+        """How many names the file at `path` has (its st_nlink)."""
+        return sum(content is self.files[path] for content in self.files.values())
 
 
 class Run:
@@ -163,8 +170,22 @@ class Run:
         target = self.some_file_path()
         self.log.append(f"rename {source} {target}")
         os.rename(self.root / source, self.root / target)
-        if source != target:
+        if self.model.files.get(target) is not self.model.files[source]:  # (two names of one file: both stay)
             self.model.files[target] = self.model.files.pop(source)
+
+    def link(self) -> None:
+        source = self.existing_file()
+        if source is None:
+            return
+        target = self.some_file_path()
+        self.log.append(f"link {source} {target}")
+        if target in self.model.files:
+            with pytest.raises(OSError) as info:
+                os.link(self.root / source, self.root / target)
+            assert info.value.errno == errno.EEXIST
+        else:
+            os.link(self.root / source, self.root / target)
+            self.model.files[target] = self.model.files[source]
 
     def unlink(self) -> None:
         path = self.existing_file()
@@ -244,7 +265,9 @@ class Run:
         for directory in sorted(self.model.directories):
             assert set(os.listdir(self.root / directory)) == self.model.children(directory), directory
         for path, content in sorted(self.model.files.items()):
-            assert (self.root / path).stat().st_size == len(content), f"size of {path}"
+            status = (self.root / path).stat()
+            assert status.st_size == len(content), f"size of {path}"
+            assert status.st_nlink == self.model.names_of(path), f"link count of {path}"
             assert (self.root / path).read_bytes() == bytes(content), f"content of {path}"
 
     def step(self) -> None:
@@ -255,7 +278,8 @@ class Run:
             (self.read, 25),
             (self.mmap_read, 5),
             (self.rename, 8),
-            (self.unlink, 4),
+            (self.link, 4),
+            (self.unlink, 5),
             (self.open_unlink_read, 3),
             (self.mkdir, 3),
             (self.rmdir, 2),
