@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -486,12 +487,13 @@ class GridFilesystem:
         others were never looked up, leave it stale (README, Limits)."""
         return max(fields.link_count, len(inode.names)) if fields.link_id is not None else 1
 
-    def _change_fields(self, inode: Inode, fields: PosixFields) -> None:
-        """Set the inode's fields and record the change; one that cannot be recorded is not made."""
+    def _change_fields(self, inode: Inode, fields: PosixFields, record: Callable[[], None] | None = None) -> None:
+        """Set the inode's fields and record the change (its entry re-recorded where it is, unless `record` does
+        something else: a rename records it at its new name); one that cannot be recorded is not made."""
         before = inode.metadata, inode.written_ns
         self._set_fields(inode, fields)
         try:
-            self._touch(inode)
+            (record or partial(self._touch, inode))()
         except FsError:
             inode.metadata, inode.written_ns = before
             raise
@@ -557,7 +559,7 @@ class GridFilesystem:
             uid=fields.uid,
             gid=fields.gid,
             size=size,
-            atime_ns=fields.mtime_ns,
+            atime_ns=fields.atime_ns,
             mtime_ns=fields.mtime_ns,
             ctime_ns=fields.ctime_ns,
             attr_timeout=timeout if nlink is not None else 0.0,
@@ -886,6 +888,8 @@ class GridFilesystem:
             fields.uid = changes.uid
         if changes.gid is not None:
             fields.gid = changes.gid
+        if changes.atime_ns is not None:
+            fields.atime_ns = changes.atime_ns
         if changes.mtime_ns is not None:
             fields.mtime_ns = changes.mtime_ns
         fields.ctime_ns = now
@@ -918,7 +922,7 @@ class GridFilesystem:
 
     def _new_fields(self, caller: Caller, mode: int) -> PosixFields:
         now = time.time_ns()
-        return PosixFields(mode & 0o7777 & ~caller.umask, caller.uid, caller.gid, now, now)
+        return PosixFields(mode & 0o7777 & ~caller.umask, caller.uid, caller.gid, now, now, now)
 
     async def mkdir(self, parent: int, name: str, mode: int, caller: Caller) -> Attributes:
         directory = await self._new_entry_checks(parent, name)
@@ -1061,8 +1065,11 @@ class GridFilesystem:
                 if (await self.directories.fresh(replaced.directory)).names(self._pending_in(replaced.directory)):
                     raise FsError(errno.ENOTEMPTY)
         # The new name is recorded before anything changes: refused (a full disk), the rename changes nothing;
-        # and a crash or refusal between the two records leaves two names, never none.
-        self._record_link(target_dir, name_new, inode)
+        # and a crash or refusal between the two records leaves two names, never none. A rename changes the
+        # inode (its ctime), as on Linux.
+        fields = self._fields(inode)
+        fields.ctime_ns = time.time_ns()
+        self._change_fields(inode, fields, partial(self._record_link, target_dir, name_new, inode))
         if replaced is not None:
             self._name_removed(replaced, target_dir, name_new)
         self._unname(inode, source_dir, name_old)
@@ -1346,6 +1353,7 @@ class GridFilesystem:
         if name not in fields.xattrs:
             raise FsError(errno.ENODATA)
         del fields.xattrs[name]
+        fields.ctime_ns = time.time_ns()
         self._change_fields(node, fields)
 
 

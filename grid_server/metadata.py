@@ -1,7 +1,7 @@
 """POSIX fields Tahoe has no place for, kept in a directory entry's metadata under the key `blackmatch`.
 
     {"tahoe": {...Tahoe's link times...},
-     "blackmatch": {"mode": 420, "uid": 1000, "gid": 1000, "mtime_ns": ..., "ctime_ns": ...,
+     "blackmatch": {"mode": 420, "uid": 1000, "gid": 1000, "atime_ns": ..., "mtime_ns": ..., "ctime_ns": ...,
                     "symlink": true, "xattrs": {"user.name": "<base64>"},
                     "link": {"id": "<32 hex digits>", "count": 2}}}
 
@@ -9,7 +9,8 @@ Tahoe clients ignore the extra key and see ordinary files and directories; a sym
 its target. A special file has `"special": "fifo" | "socket" | "char" | "block"` (and a device its numbers,
 `"device": [major, minor]`) and an empty LIT cap, so a Tahoe client sees an empty file. Entries written by Tahoe
 have no `blackmatch` key: their mode defaults from the cap (read-only caps lose the write bits) and their times
-from Tahoe's `linkmotime`/`linkcrtime`.
+from Tahoe's `linkmotime`/`linkcrtime`. An entry written before atime was kept (or without it) has its
+atime equal to its mtime.
 
 `link` marks the names of one file with several names (a hard link): every name's entry carries the same random
 identity and the number of names the file had when a blackmatch mount last added or removed one of them. A
@@ -48,6 +49,7 @@ class PosixFields:
     mode: int  # permission bits only (07777)
     uid: int
     gid: int
+    atime_ns: int
     mtime_ns: int
     ctime_ns: int
     symlink: bool = False
@@ -111,6 +113,7 @@ def posix_fields(metadata: dict[str, Any], *, is_dir: bool, writable: bool, uid:
         mode=_int(ours.get("mode"), default_mode) & 0o7777,
         uid=_int(ours.get("uid"), uid),
         gid=_int(ours.get("gid"), gid),
+        atime_ns=_int(ours.get("atime_ns"), mtime),
         mtime_ns=mtime,
         ctime_ns=_int(ours.get("ctime_ns"), mtime),
         symlink=ours.get("symlink") is True,
@@ -128,6 +131,7 @@ def with_posix_fields(metadata: dict[str, Any], fields: PosixFields) -> dict[str
         "mode": fields.mode & 0o7777,
         "uid": fields.uid,
         "gid": fields.gid,
+        "atime_ns": fields.atime_ns,
         "mtime_ns": fields.mtime_ns,
         "ctime_ns": fields.ctime_ns,
     }
