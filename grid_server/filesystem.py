@@ -83,6 +83,7 @@ from .operations import (
 )
 from .publisher import Publisher
 from .read_cache import ReadCache
+from .root_entry import load_root_metadata, save_root_metadata
 from .uploader import Uploader
 from .write_back import WriteBack
 
@@ -148,8 +149,16 @@ class GridFilesystem:
         )
         self.directories = DirectoryViews(grid, options.directory_views, options.cache_timeout, self._in_use)
         root_dir = self.directories.view(root)
-        self.root = Inode(ROOT_INODE, DIRECTORY, root, {}, directory=root_dir, lookups=1)
+        self.state_dir = state_dir
+        saved = load_root_metadata(state_dir)
+        self.root = Inode(ROOT_INODE, DIRECTORY, root, saved or {}, directory=root_dir, lookups=1)
         root_dir.inode = self.root
+        if saved is None:  # first mounted now: that is its times' start (they go on from the saved ones after)
+            self._set_fields(self.root, self._new_fields(Caller(self.uid, self.gid, 0), self._fields(self.root).mode))
+            try:
+                self._save_root()
+            except FsError as exc:  # its times then start again at the next mount
+                log.warning("%s", exc)
         self.inodes = InodeTable(first_number, self.root)
         self.handles = HandleTable(first_number)
         self._changed = trio.Event()
@@ -645,12 +654,20 @@ class GridFilesystem:
     def _touch(self, inode: Inode, names: list[tuple[Directory, str]] | None = None) -> None:
         """Re-record the inode's entries (at `names`, default all it is known by) after its content or attributes
         changed: every name of a hard-linked file shows them. Names in read-only directories (or on a read-only
-        mount) cannot change, and keep what they have."""
+        mount) cannot change, and keep what they have. The root, which has no entry, keeps its metadata in its
+        state directory."""
         if self.readonly:
             return
+        if inode is self.root:
+            self._save_root()
         for directory, name in list(inode.names if names is None else names):
             if not directory.cap.is_readonly:
                 self._record_link(directory, name, inode)
+
+    def _save_root(self) -> None:
+        """Save the root's metadata (root_entry.py); a failure (a full disk) is an FsError."""
+        with local_disk("cannot save the root's attributes"):
+            save_root_metadata(self.state_dir, self._folded_metadata(self.root))
 
     async def _publish_directory(self, key: str) -> None:
         """One publish of the directory's ready changes (many names in one update); raises if it fails."""
@@ -869,8 +886,6 @@ class GridFilesystem:
     async def setattr(self, inode: int, changes: AttrChanges, fh: int | None) -> Attributes:
         node = self.inodes[inode]
         self._check_writable(node.parent)
-        if node.number == ROOT_INODE and changes.size is None:
-            return await self._attributes(node)  # the root has no entry to keep attributes in
         fields = self._fields(node)
         now = time.time_ns()
         if changes.size is not None:
@@ -1330,8 +1345,6 @@ class GridFilesystem:
         if not name.startswith(XATTR_NAMESPACE):
             raise FsError(errno.ENOTSUP)
         self._check_writable(node.parent)
-        if node.parent is None:
-            raise FsError(errno.ENOTSUP, "the root has no entry to keep attributes in")
         fields = self._fields(node)
         if flags & XATTR_CREATE and name in fields.xattrs:
             raise FsError(errno.EEXIST)

@@ -28,6 +28,7 @@ from grid_server import directory_views, filesystem, uploader
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
 from grid_server.nodes import Directory
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
+from grid_server.root_entry import ROOT_FILE
 from lafs_core.caps import LiteralCap, parse_cap
 from lafs_core.dirnode import child_entry
 from lafs_core.errors import NotEnoughSharesError
@@ -382,6 +383,7 @@ def test_journal_resumes_what_a_killed_process_left(node, layout):
         state = node[0].private / "blackmatch"
         for name in ("journal", "files"):
             (journal.parent / name).rename(state / name)
+        (journal.parent / ROOT_FILE).unlink()  # that version kept no root metadata
         journal.parent.rmdir()
 
     async def body(fs: GridFilesystem) -> None:
