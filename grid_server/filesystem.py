@@ -350,6 +350,12 @@ class GridFilesystem:
         """Whether an entry of the inode (any of its names) is still to be published."""
         return any(self._pending_link(directory, name) is inode for directory, name in inode.names)
 
+    @staticmethod
+    def _on_grid(inode: Inode, directory: Directory, name: str) -> bool:
+        """Whether the directory's listing already links `name` to the inode's cap (the grid has that entry)."""
+        entry = directory.listing.get(name) if directory.listing is not None else None
+        return entry is not None and inode.cap is not None and entry.cap.to_string() == inode.cap.to_string()
+
     def _child(self, directory: Directory, name: str) -> Inode | None:
         """The inode linked at `name` in the directory's view (made from the listing if new), or None."""
         change = self.write_back.change(directory.key, name)
@@ -644,6 +650,7 @@ class GridFilesystem:
         except FsError:
             self._abandon(inode)
             raise
+        self._entries_changed(directory)
 
     def _abandon(self, inode: Inode) -> None:
         """Let go of a new inode that never got its entry, and of its local copy."""
@@ -668,6 +675,26 @@ class GridFilesystem:
         """Save the root's metadata (root_entry.py); a failure (a full disk) is an FsError."""
         with local_disk("cannot save the root's attributes"):
             save_root_metadata(self.state_dir, self._folded_metadata(self.root))
+
+    def _entries_changed(self, *directories: Directory) -> None:
+        """Names were made, removed or renamed in these directories: their mtime and ctime are now. Only the time is
+        noted here (as a write notes it on a file); the directory's own entry is re-recorded once its changes are
+        published (`_publish`), so a thousand creates in a directory cost one more entry update, not a thousand."""
+        now = time.time_ns()
+        for directory in directories:
+            if directory.inode is not None:
+                directory.inode.written_ns = now
+
+    def _publish_own_entry(self, directory: Directory) -> None:
+        """After a publish of the directory's changes, record its own entry with the times they gave it, if they
+        are not recorded yet (see `_entries_changed`)."""
+        inode = directory.inode
+        if inode is None or inode.written_ns is None:
+            return
+        try:
+            self._touch(inode)
+        except FsError as exc:  # its changes are on the grid; only its times wait for the next change
+            log.warning("cannot record the times of %s: %s", self._path(inode), exc)
 
     async def _publish_directory(self, key: str) -> None:
         """One publish of the directory's ready changes (many names in one update); raises if it fails."""
@@ -703,6 +730,7 @@ class GridFilesystem:
                 item.metadata = dict(listing[name].metadata)
                 self._maybe_drop(item)
         self._record_progress(published)
+        self._publish_own_entry(directory)
         self._note_progress()
 
     def _record_progress(self, record: Record) -> None:
@@ -1019,6 +1047,7 @@ class GridFilesystem:
             if child.names(self._pending_in(child)):
                 raise FsError(errno.ENOTEMPTY)
         self._record_removal(directory, name)
+        self._entries_changed(directory)
         self._name_removed(inode, directory, name)
 
     def _name_removed(self, inode: Inode, directory: Directory, name: str) -> None:
@@ -1089,6 +1118,7 @@ class GridFilesystem:
             self._name_removed(replaced, target_dir, name_new)
         self._unname(inode, source_dir, name_old)
         self._record_removal(source_dir, name_old)
+        self._entries_changed(source_dir, target_dir)
 
     def _check_not_into_itself(self, inode: Inode, directory: Directory) -> None:
         """EINVAL for moving a directory into `directory` when that is the directory itself or below it."""
@@ -1207,7 +1237,9 @@ class GridFilesystem:
         await self._sync_inode(self.handles[fh].inode)
 
     async def _sync_inode(self, inode: Inode) -> None:
-        """Return once the inode's content and its entry (and its directories' entries) are on the grid."""
+        """Return once the inode's content and its entry, and the entries of its directories that are new, are on
+        the grid. A directory whose entry is there already is not waited for: what is pending for it is only its
+        metadata (times its changes gave it, above all), and waiting would cost a publish per level up to the root."""
         if inode.local is not None and inode.local.dirty and not self._orphaned(inode.local):
             await self.uploader.upload(inode.local)
             if inode.local is not None and inode.local.dirty:
@@ -1221,7 +1253,9 @@ class GridFilesystem:
         entries = [(inode, directory, name) for directory, name in inode.names]
         while entries:
             node, directory, name = entries.pop()
-            while self._pending_link(directory, name) is node:
+            while self._pending_link(directory, name) is node and (
+                node is inode or not self._on_grid(node, directory, name)
+            ):
                 await self.publisher.round(directory.key)
                 failure = self.publisher.retries.failures.get(directory.key)
                 if failure is not None and self._pending_link(directory, name) is node:
