@@ -528,10 +528,11 @@ def option_items(extra: list[str]) -> list[str]:
 def fuse_options(extra: list[str], read_only: bool) -> set[str]:
     """The mount options: the kernel checks permissions against the modes the server reports
     (default_permissions); set-user-id bits and device files from a shared grid mean nothing here (nosuid, nodev);
-    a read-only root mounts read-only. Options from -o are added, and `suid`, `dev` or `rw` there drop the
-    default they contradict (libfuse gets the options as a set, in no order); `nonempty` is blackmatch's own
-    (libfuse3 mounts over anything and rejects it as unknown)."""
-    options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions", "nosuid", "nodev"}
+    reads never change atime (noatime: the server keeps no access times of reads, which would cost a directory
+    update each, so the mount table says so); a read-only root mounts read-only. Options from -o are added, and
+    `suid`, `dev` or `rw` there drop the default they contradict (libfuse gets the options as a set, in no order);
+    `nonempty` is blackmatch's own (libfuse3 mounts over anything and rejects it as unknown)."""
+    options = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions", "nosuid", "nodev", "noatime"}
     if read_only:
         options.add("ro")
     for item in option_items(extra):
