@@ -9,7 +9,8 @@
 `places` (module-scoped in a test module: `places = places_fixture()`) mounts one tmpfs and one blackmatch mount
 (this run's mode, embedded grid, `-o allow_other`) for the whole module; each call of `same` runs the case in a new
 empty directory of each and asserts the two results are equal. A case returns anything comparable: `outcome` turns
-an exception into its errno name, `kind_and_mode` and `stat_fields` keep the stat fields a comparison may use.
+an exception into its errno name, `stat_fields` keeps the stat fields a comparison may use, and `times_changed`
+says which times a call changed (the times themselves differ between the places).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import os
 import stat
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ import pytest
 from .mounting import Mount
 
 STAT_FIELDS = ("kind", "mode", "nlink", "uid", "gid", "size")
+# The mount's atime policy (blackmatch never updates atime on reads): tmpfs is mounted with the same, or every read
+# would differ.
+ATIME_POLICY = "noatime"
 KINDS = {
     stat.S_IFREG: "file",
     stat.S_IFDIR: "dir",
@@ -105,6 +110,24 @@ def directory_entries(path: Path) -> list[tuple[bytes, int]]:
     return entries
 
 
+TIMES = ("atime", "mtime", "ctime")
+# Longer than a tick of the coarse clock file systems stamp times with, so that a change always shows as one.
+TICK = 0.02
+
+
+def times_changed(paths: Mapping[str, Path | int], action: Callable[[], Any]) -> dict[str, Any]:
+    """Which times of each path (lstat; fstat for a descriptor) `action` changed: {name: "mtime ctime"} ("-" for
+    none), and what `action` returned under "result". Values differ between places; which ones change must not."""
+    before = {name: stat_fields(path, *(f"{time}_ns" for time in TIMES)) for name, path in paths.items()}
+    time.sleep(TICK)
+    result = action()
+    changed: dict[str, Any] = {"result": result}
+    for name, path in paths.items():
+        after = stat_fields(path, *(f"{time}_ns" for time in TIMES))
+        changed[name] = " ".join(time for time in TIMES if after[f"{time}_ns"] != before[name][f"{time}_ns"]) or "-"
+    return changed
+
+
 @dataclass
 class Places:
     tmpfs: Path
@@ -137,7 +160,8 @@ def places_fixture(*mount_args: str) -> Any:
         base = tmp_path_factory.mktemp("posix")
         tmpfs = base / "tmpfs"
         tmpfs.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0777", "tmpfs", str(tmpfs)], check=True)
+        options = f"size=64m,mode=0777,{ATIME_POLICY}"
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(tmpfs)], check=True)
         try:
             with Mount(base / "node", base / "mnt", "-o", "allow_other", *mount_args) as mount:
                 os.chmod(mount.mountpoint, 0o777)
