@@ -26,7 +26,7 @@ import trio
 from fuse_client.grid_commands import create_node
 from grid_server import directory_views, filesystem, uploader
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
-from grid_server.nodes import Directory
+from grid_server.nodes import Directory, Inode
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
 from grid_server.root_entry import ROOT_FILE
 from lafs_core.caps import LiteralCap, parse_cap
@@ -190,6 +190,45 @@ def test_attributes_and_xattrs_live_in_metadata(node):
         assert stat.S_ISLNK(link.mode) and await fs.readlink(link.inode) == "f" * 80
         await fs.setattr(again.inode, AttrChanges(size=10), None)
         assert (await fs.getattr(again.inode)).size == 10
+
+    run(node, body)
+
+
+def test_a_directorys_times_reach_its_parent_once_a_publish(node, monkeypatch):
+    """Names made in a directory change its mtime at once; its entry in its parent is re-recorded once per publish
+    of its changes, not once per name, and the times on the grid are the ones stat showed."""
+    recorded: list[str] = []
+    published: list[str] = []
+
+    async def body(fs: GridFilesystem) -> None:
+        sub = await fs.mkdir(ROOT_INODE, "sub", 0o755, CALLER)
+        assert await fs.drain()
+        record_link = fs._record_link
+
+        def counting(directory: Directory, name: str, inode: Inode) -> None:
+            recorded.append(name)
+            record_link(directory, name, inode)
+
+        publish = fs._publish
+
+        async def counted(directory: Directory, ready: dict) -> None:
+            published.append(directory.inode.name if directory.inode else "?")
+            await publish(directory, ready)
+
+        monkeypatch.setattr(fs, "_record_link", counting)
+        monkeypatch.setattr(fs, "_publish", counted)
+        for i in range(20):
+            await fs.mknod(sub.inode, f"f{i}", stat.S_IFREG | 0o644, CALLER)
+        changed = await fs.getattr(sub.inode)
+        assert changed.mtime_ns == changed.ctime_ns > sub.mtime_ns and changed.atime_ns == sub.atime_ns
+        assert await fs.drain()
+        assert recorded.count("sub") == published.count("sub") < 5 and len(recorded) == 20 + published.count("sub")
+        on_grid = (await grid_listing(fs, node[1]))["sub"].metadata["blackmatch"]
+        assert (on_grid["atime_ns"], on_grid["mtime_ns"], on_grid["ctime_ns"]) == (
+            changed.atime_ns,
+            changed.mtime_ns,
+            changed.ctime_ns,
+        )
 
     run(node, body)
 
