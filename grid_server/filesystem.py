@@ -153,13 +153,13 @@ class GridFilesystem:
         saved = load_root_metadata(state_dir)
         self.root = Inode(ROOT_INODE, DIRECTORY, root, saved or {}, directory=root_dir, lookups=1)
         root_dir.inode = self.root
+        self.inodes = InodeTable(first_number, self.root)
         if saved is None:  # first mounted now: that is its times' start (they go on from the saved ones after)
             self._set_fields(self.root, self._new_fields(Caller(self.uid, self.gid, 0), self._fields(self.root).mode))
             try:
                 self._save_root()
             except FsError as exc:  # its times then start again at the next mount
                 log.warning("%s", exc)
-        self.inodes = InodeTable(first_number, self.root)
         self.handles = HandleTable(first_number)
         self._changed = trio.Event()
         self._done = 0  # uploads and publishes done: what a drain watches, with the grid's stored bytes
@@ -1096,6 +1096,7 @@ class GridFilesystem:
             self._unname(replaced, target_dir, name_new)
             self._linked(target_dir, name_new, inode, there)
             self._linked(source_dir, name_old, replaced, back)
+            self._entries_changed(source_dir, target_dir)
             return
         if replaced is not None:
             if flags & RENAME_NOREPLACE:
@@ -1145,6 +1146,7 @@ class GridFilesystem:
         fields.ctime_ns = time.time_ns()
         self._change_fields(node, fields)
         self._record_link(directory, new_name, node)
+        self._entries_changed(directory)
         if node.local is not None and node.local.dirty and node.local.writers == 0:
             self.uploader.queue(node.local)  # wanted again, if its upload was skipped while it had no name
         node.lookups += 1

@@ -11,8 +11,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from .mounting import MOUNT_MARKS, Mount, wipe_cache
 from .posix_compare import TIMES, Places, outcome, places_fixture, stat_fields, times_changed
 
@@ -154,7 +152,6 @@ def test_names_change_their_directory(places: Places) -> None:
     places.same(case)
 
 
-@pytest.mark.xfail(strict=True, reason="one inode under two names needs hard links (issue 14, in progress)")
 def test_link_changes_ctime(places: Places) -> None:
     """link changes the file's ctime (its link count), which both names show."""
 
@@ -167,7 +164,6 @@ def test_link_changes_ctime(places: Places) -> None:
     places.same(case)
 
 
-@pytest.mark.xfail(strict=True, reason="one inode under two names needs hard links (issue 14, in progress)")
 def test_hard_links_share_times(places: Places) -> None:
     def case(root: Path) -> object:
         f, g = root / "f", root / "g"
