@@ -218,7 +218,7 @@ def test_a_directorys_times_reach_its_parent_once_a_publish(node, monkeypatch):
         monkeypatch.setattr(fs, "_record_link", counting)
         monkeypatch.setattr(fs, "_publish", counted)
         for i in range(20):
-            await fs.mknod(sub.inode, f"f{i}", stat.S_IFREG | 0o644, CALLER)
+            await fs.mknod(sub.inode, f"f{i}", stat.S_IFREG | 0o644, 0, CALLER)
         changed = await fs.getattr(sub.inode)
         assert changed.mtime_ns == changed.ctime_ns > sub.mtime_ns and changed.atime_ns == sub.atime_ns
         assert await fs.drain()
