@@ -155,7 +155,8 @@ class GridFilesystem:
         root_dir.inode = self.root
         self.inodes = InodeTable(first_number, self.root)
         if saved is None:  # first mounted now: that is its times' start (they go on from the saved ones after)
-            self._set_fields(self.root, self._new_fields(Caller(self.uid, self.gid, 0), self._fields(self.root).mode))
+            owner = Caller(self.uid, self.gid, 0)
+            self._set_fields(self.root, self._new_fields(owner, self._fields(self.root).mode, None))
             try:
                 self._save_root()
             except FsError as exc:  # its times then start again at the next mount
@@ -963,9 +964,22 @@ class GridFilesystem:
             raise FsError(errno.EEXIST)
         return directory
 
-    def _new_fields(self, caller: Caller, mode: int) -> PosixFields:
+    def _new_fields(
+        self, caller: Caller, mode: int, directory: Directory | None, is_directory: bool = False
+    ) -> PosixFields:
+        """The fields of an entry `caller` makes in `directory`: the mode less the caller's umask, owned by the
+        caller, but in the directory's group when the directory is set-group-ID (a new directory is then
+        set-group-ID too), as Linux does, so that a shared directory's files stay its group's."""
         now = time.time_ns()
-        return PosixFields(mode & 0o7777 & ~caller.umask, caller.uid, caller.gid, now, now, now)
+        fields = PosixFields(mode & 0o7777 & ~caller.umask, caller.uid, caller.gid, now, now, now)
+        parent = directory.inode if directory is not None else None
+        if parent is not None:
+            parent_fields = self._fields(parent)
+            if parent_fields.mode & stat.S_ISGID:
+                fields.gid = parent_fields.gid
+                if is_directory:
+                    fields.mode |= stat.S_ISGID
+        return fields
 
     async def mkdir(self, parent: int, name: str, mode: int, caller: Caller) -> Attributes:
         directory = await self._new_entry_checks(parent, name)
@@ -978,7 +992,7 @@ class GridFilesystem:
         inode = self._new_inode(DIRECTORY, cap, {})
         assert inode.directory is not None
         inode.directory.set_listing({})
-        self._set_fields(inode, self._new_fields(caller, mode))
+        self._set_fields(inode, self._new_fields(caller, mode, directory, is_directory=True))
         self._enter_new(directory, name, inode)
         inode.lookups += 1
         return await self._attributes(inode)
@@ -987,7 +1001,7 @@ class GridFilesystem:
         directory = await self._new_entry_checks(parent, name)
         data = target.encode("utf-8", "surrogateescape")
         inode = self._new_inode(SYMLINK, None, {})
-        fields = self._new_fields(caller, 0o777)
+        fields = self._new_fields(caller, 0o777, directory)
         fields.mode, fields.symlink = 0o777, True
         self._set_fields(inode, fields)
         if len(data) <= LIT_THRESHOLD:
@@ -1015,7 +1029,7 @@ class GridFilesystem:
             raise FsError(errno.EINVAL, "mknod makes only files, FIFOs, sockets and devices")
         directory = await self._new_entry_checks(parent, name)
         inode = self._new_inode(FILE if file_type == stat.S_IFREG else SPECIAL, LiteralCap(b""), {})
-        fields = self._new_fields(caller, mode)
+        fields = self._new_fields(caller, mode, directory)
         if inode.kind == SPECIAL:
             fields.special = file_type
             fields.rdev = rdev if file_type in DEVICE_TYPES else 0
@@ -1193,7 +1207,7 @@ class GridFilesystem:
     async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[int, Attributes]:
         directory = await self._new_entry_checks(parent, name)
         inode = self._new_inode(FILE, None, {})
-        self._set_fields(inode, self._new_fields(caller, mode))
+        self._set_fields(inode, self._new_fields(caller, mode, directory))
         try:
             local = await self._materialize(inode, truncate=True)
         except FsError:

@@ -19,9 +19,12 @@ import ctypes
 import errno
 import itertools
 import os
+import pickle
+import shutil
 import stat
 import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -128,6 +131,33 @@ def times_changed(paths: Mapping[str, Path | int], action: Callable[[], Any]) ->
     return changed
 
 
+def as_user(uid: int, gid: int, function: Callable[..., Any], *args: Any, groups: tuple[int, ...] = ()) -> Any:
+    """`outcome(function, *args)` in a child process running
+    as `uid`/`gid` with supplementary `groups`: the kernel then checks that user's permissions, as for any
+    program of theirs."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            result = outcome(function, *args)
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(pickle.dumps(result))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, f"the child running as uid {uid} failed"
+    return pickle.loads(data)
+
+
 @dataclass
 class Places:
     tmpfs: Path
@@ -157,7 +187,9 @@ def places_fixture(*mount_args: str) -> Any:
 
     @pytest.fixture(scope="module")
     def places(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Places]:
-        base = tmp_path_factory.mktemp("posix")
+        # Not under pytest's own directory, which only root may enter: cases run as other uids too.
+        base = Path(tempfile.mkdtemp(prefix="blackmatch-posix-"))
+        os.chmod(base, 0o711)
         tmpfs = base / "tmpfs"
         tmpfs.mkdir()
         options = f"size=64m,mode=0777,{ATIME_POLICY}"
@@ -168,5 +200,6 @@ def places_fixture(*mount_args: str) -> Any:
                 yield Places(tmpfs, mount.mountpoint, itertools.count())
         finally:
             subprocess.run(["umount", "-l", str(tmpfs)], check=False)
+            shutil.rmtree(base, ignore_errors=True)
 
     return places
