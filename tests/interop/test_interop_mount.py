@@ -275,6 +275,44 @@ def test_special_files_made_on_mount_are_empty_files_to_tahoe(grid: TahoeGrid, t
         assert os.lstat(mountpoint / "specials" / "loop").st_rdev == os.makedev(7, 0)
 
 
+def test_hard_links_times_and_owners_made_on_mount_are_entries_tahoe_reads(grid: TahoeGrid, tmp_path: Path) -> None:
+    """Two names of one file, written through one of them, are two entries holding the same (mutable) cap that
+    Tahoe reads the new content from; owner, mode and times survive in the entries' metadata, and a new mount
+    shows one inode with two links again."""
+    root = root_cap(grid)
+    mountpoint = tmp_path / "mnt"
+    content = data_of(20_000, "hard-link-content")
+    times = (1_600_000_000_123_456_789, 1_500_000_000_987_654_321)  # atime, mtime
+    with Mount(grid.client_dir, mountpoint):
+        (mountpoint / "a").mkdir()
+        (mountpoint / "b").mkdir()
+        (mountpoint / "a" / "file").write_bytes(b"first version")
+        os.link(mountpoint / "a" / "file", mountpoint / "b" / "name2")
+        with open(mountpoint / "b" / "name2", "wb") as f:
+            f.write(content)
+        os.chown(mountpoint / "a" / "file", 4101, 4201)
+        os.chmod(mountpoint / "a" / "file", 0o640)
+        os.utime(mountpoint / "a" / "file", ns=times)
+        for path in (mountpoint / "a" / "file", mountpoint / "a", mountpoint / "b", mountpoint):
+            fsync_path(path)
+
+        entries = {name: web_json(grid, f"{root}/{name}")[1]["children"] for name in ("a", "b")}
+        first, second = entries["a"]["file"], entries["b"]["name2"]
+        assert first[0] == second[0] == "filenode"
+        assert first[1]["ro_uri"] == second[1]["ro_uri"] and first[1]["ro_uri"].startswith("URI:SSK-RO:")
+        assert grid.tahoe("get", "tahoe:a/file").stdout == content
+        assert grid.tahoe("get", "tahoe:b/name2").stdout == content
+        ours = first[1]["metadata"]["blackmatch"]
+        assert (ours["uid"], ours["gid"], ours["mode"], ours["mtime_ns"]) == (4101, 4201, 0o640, times[1])
+        assert ours["link"]["id"] == second[1]["metadata"]["blackmatch"]["link"]["id"]
+    with Mount(grid.client_dir, mountpoint):
+        one, two = os.stat(mountpoint / "a" / "file"), os.stat(mountpoint / "b" / "name2")
+        assert one.st_ino == two.st_ino and one.st_nlink == two.st_nlink == 2
+        assert (one.st_uid, one.st_gid, stat.S_IMODE(one.st_mode)) == (4101, 4201, 0o640)
+        assert (one.st_atime_ns, one.st_mtime_ns) == times
+        assert (mountpoint / "b" / "name2").read_bytes() == content
+
+
 # --- 2. written by Tahoe, seen on the mount; changed on the mount, seen by Tahoe -------------------------------
 def test_tahoe_writes_appear_in_mount_and_mount_changes_reach_tahoe(grid: TahoeGrid, tmp_path: Path) -> None:
     root = root_cap(grid)
