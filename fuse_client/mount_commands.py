@@ -536,10 +536,15 @@ def fuse_options(extra: list[str], read_only: bool) -> set[str]:
     if read_only:
         options.add("ro")
     for item in option_items(extra):
+        if item in _ATIME_UPDATES:
+            raise MountError(f"-o {item} is not supported: the mount is noatime, reads never change a file's atime")
         if item != NONEMPTY:
             options.discard(_CONTRADICTS.get(item, ""))
             options.add(item)
     return options
+
+
+_ATIME_UPDATES = {"atime", "relatime", "strictatime"}  # what the server cannot do: it keeps no access times of reads
 
 
 _CONTRADICTS = {"suid": "nosuid", "dev": "nodev", "rw": "ro", "nosuid": "suid", "nodev": "dev", "ro": "rw"}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fuse_client.mount_commands import (
+    MountError,
     canonical_mountpoint,
     find_mount,
     fuse_options,
@@ -174,6 +175,9 @@ def test_fuse_options():
     assert {"allow_other", "noatime", "debug"} <= options
     assert "allow_other" not in fuse_options([], read_only=False)
     assert "nosuid" not in fuse_options(["suid"], read_only=False)
+    for update in ("relatime", "atime", "strictatime"):
+        with pytest.raises(MountError, match=f"-o {update} is not supported"):
+            fuse_options([f"allow_other,{update}"], read_only=False)
 
 
 # --- real mounts -----------------------------------------------------------------------------------------------
