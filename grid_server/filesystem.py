@@ -413,7 +413,7 @@ class GridFilesystem:
         if inode.cap is not None and inode.cap.to_string() == cap.to_string():
             return inode
         inode_mutable, entry_mutable = (isinstance(c, MutableWriteCap | MutableReadCap) for c in (inode.cap, cap))
-        if inode_mutable and not entry_mutable:
+        if inode_mutable and not entry_mutable and inode.shared_cap is not None and str(inode.shared_cap) == str(cap):
             self._touch(inode, [(directory, name)])  # the name still holds the content from before the first write
         elif entry_mutable and not inode_mutable and self._settled(inode):
             if inode.local is not None:
@@ -668,9 +668,14 @@ class GridFilesystem:
             return
         if inode is self.root:
             self._save_root()
-        for directory, name in list(inode.names if names is None else names):
-            if not directory.cap.is_readonly:
-                self._record_link(directory, name, inode)
+        # One journal record for all the names: after a crash, every name has the change or none has, so a
+        # replay never splits the names of one file between two contents.
+        where = [(d, n) for d, n in (inode.names if names is None else names) if not d.cap.is_readonly]
+        changes = [self._new_link(directory, name, inode) for directory, name in where]
+        if changes:
+            self._record_change(*changes)
+            for (directory, name), change in zip(where, changes, strict=True):
+                self._linked(directory, name, inode, change)
 
     def _save_root(self) -> None:
         """Save the root's metadata (root_entry.py); a failure (a full disk) is an FsError."""
@@ -712,14 +717,16 @@ class GridFilesystem:
         batch = {name: (change, self._pending_link(directory, name)) for name, change in ready.items()}
 
         def apply(children: Children) -> Children:
-            for name, (_change, item) in batch.items():
+            for name, (change, item) in batch.items():
                 if item is None:
                     children.pop(name, None)
                 else:
-                    assert item.cap is not None
+                    # The cap the change recorded: the inode's may be newer, with content not uploaded yet (the
+                    # empty mutable file a linked file's first write makes), which its own later change publishes.
+                    assert isinstance(change, Link) and change.cap is not None
                     old = children.get(name)
                     metadata = update_metadata(old.metadata if old else None, self._folded_metadata(item), now)
-                    children[name] = child_entry(item.cap, metadata)
+                    children[name] = child_entry(parse_cap(change.cap), metadata)
             return children
 
         listing = await modify_directory(self.grid, directory.cap, apply)
@@ -875,15 +882,26 @@ class GridFilesystem:
         every name, mount and later version sees it. Linking stays cheap (the names share the immutable cap); only
         the first write through a linked file pays for a key and the new file's first (empty) version. Until the
         content is uploaded, each name's entry waits for it and keeps its old content on the grid."""
-        local = await self._materialize(inode, truncate)
+        cap: MutableWriteCap | None = None
         if self._file_links(inode, self._fields(inode)) > 1 and not isinstance(inode.cap, MutableWriteCap):
-            try:
+            try:  # before anything changes: failing, it changes nothing
                 cap = await create_mutable(self.grid, b"")
             except LafsError as exc:
                 raise FsError(errno.EIO, f"cannot make the linked file writable through all its names: {exc}") from None
+        had_copy = inode.local is not None
+        local = await self._materialize(inode, truncate)
+        if cap is not None:
+            shared = inode.cap
             inode.cap = cap
             local.mark_dirty()  # the content is not at the new cap yet
-            self._touch(inode)
+            try:
+                self._touch(inode)
+            except FsError:  # not recorded (a full disk): the names keep the content they share
+                inode.cap = shared
+                if not had_copy:
+                    self._release_local(inode)
+                raise
+            inode.shared_cap = shared
         return local
 
     # --- operations: lookup and attributes -------------------------------------------------------------------
@@ -1158,8 +1176,9 @@ class GridFilesystem:
         fields.link_count = self._file_links(node, fields) + 1
         fields.link_id = fields.link_id or secrets.token_hex(16)
         fields.ctime_ns = time.time_ns()
-        self._change_fields(node, fields)
-        self._record_link(directory, new_name, node)
+        # The new name and the other names' new count in one record: refused, nothing changes; after a crash,
+        # all of them or none.
+        self._change_fields(node, fields, partial(self._touch, node, [*node.names, (directory, new_name)]))
         self._entries_changed(directory)
         if node.local is not None and node.local.dirty and node.local.writers == 0:
             self.uploader.queue(node.local)  # wanted again, if its upload was skipped while it had no name
@@ -1184,9 +1203,11 @@ class GridFilesystem:
             if truncate:
                 try:
                     self._mark_written(node, was_dirty=False)
-                except FsError:  # not recorded (a full disk): a copy made just now goes again; one that was there
-                    # already stays emptied (its old content is on the grid under the unchanged entry)
-                    if not had_copy:
+                except FsError:  # not recorded (a full disk): a copy made just now goes again, unless recorded
+                    # links wait for it (a linked file made mutable); one that was there already stays emptied (its
+                    # old content is on the grid under the unchanged entry)
+                    fresh = node.local if not had_copy else None
+                    if fresh is not None and fresh.id not in self.write_back.waiting_locals():
                         self._release_local(node)
                     raise
             if writable:

@@ -26,6 +26,7 @@ import trio
 from fuse_client.grid_commands import create_node
 from grid_server import directory_views, filesystem, uploader
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
+from grid_server.journal_records import Link
 from grid_server.nodes import Directory, Inode
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
 from grid_server.root_entry import ROOT_FILE
@@ -203,11 +204,11 @@ def test_a_directorys_times_reach_its_parent_once_a_publish(node, monkeypatch):
     async def body(fs: GridFilesystem) -> None:
         sub = await fs.mkdir(ROOT_INODE, "sub", 0o755, CALLER)
         assert await fs.drain()
-        record_link = fs._record_link
+        new_link = fs._new_link  # every entry recorded, alone or with others
 
-        def counting(directory: Directory, name: str, inode: Inode) -> None:
+        def counting(directory: Directory, name: str, inode: Inode) -> Link:
             recorded.append(name)
-            record_link(directory, name, inode)
+            return new_link(directory, name, inode)
 
         publish = fs._publish
 
@@ -215,7 +216,7 @@ def test_a_directorys_times_reach_its_parent_once_a_publish(node, monkeypatch):
             published.append(directory.inode.name if directory.inode else "?")
             await publish(directory, ready)
 
-        monkeypatch.setattr(fs, "_record_link", counting)
+        monkeypatch.setattr(fs, "_new_link", counting)
         monkeypatch.setattr(fs, "_publish", counted)
         for i in range(20):
             await fs.mknod(sub.inode, f"f{i}", stat.S_IFREG | 0o644, 0, CALLER)
