@@ -1121,9 +1121,22 @@ class GridFilesystem:
             if replaced is None:
                 raise FsError(errno.ENOENT)
             self._check_not_into_itself(replaced, source_dir)
-            # Both links in one journal record: after a crash, both names are swapped or neither.
-            there, back = self._new_link(target_dir, name_new, inode), self._new_link(source_dir, name_old, replaced)
-            self._record_change(there, back)
+            # Both links in one journal record: after a crash, both names are swapped or neither. Both things
+            # swapped change (their ctime), as on Linux; refused, neither does.
+            before = [(moved, moved.metadata, moved.written_ns) for moved in (inode, replaced)]
+            now = time.time_ns()
+            for moved in (inode, replaced):
+                fields = self._fields(moved)
+                fields.ctime_ns = now
+                self._set_fields(moved, fields)
+            try:
+                there = self._new_link(target_dir, name_new, inode)
+                back = self._new_link(source_dir, name_old, replaced)
+                self._record_change(there, back)
+            except FsError:
+                for moved, metadata, written_ns in before:
+                    moved.metadata, moved.written_ns = metadata, written_ns
+                raise
             self._unname(inode, source_dir, name_old)
             self._unname(replaced, target_dir, name_new)
             self._linked(target_dir, name_new, inode, there)

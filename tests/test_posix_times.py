@@ -12,7 +12,16 @@ import subprocess
 from pathlib import Path
 
 from .mounting import MOUNT_MARKS, Mount, wipe_cache
-from .posix_compare import TIMES, Places, outcome, places_fixture, stat_fields, times_changed
+from .posix_compare import (
+    RENAME_EXCHANGE,
+    TIMES,
+    Places,
+    outcome,
+    places_fixture,
+    renameat2,
+    stat_fields,
+    times_changed,
+)
 
 pytestmark = MOUNT_MARKS
 
@@ -148,6 +157,28 @@ def test_names_change_their_directory(places: Places) -> None:
             times_changed(around, lambda: os.rmdir(e / "sub")),
             times_changed(around, lambda: outcome(os.rmdir, d / "missing")),
         ]
+
+    places.same(case)
+
+
+def test_an_exchange_changes_both_and_their_directories(places: Places) -> None:
+    """RENAME_EXCHANGE changes the ctime of both things it swaps (followed through descriptors) and the mtime and
+    ctime of both directories."""
+
+    def case(root: Path) -> object:
+        d, e = root / "d", root / "e"
+        d.mkdir()
+        e.mkdir()
+        (d / "f").write_bytes(b"x")
+        (e / "sub").mkdir()
+        descriptors = {name: os.open(path, os.O_RDONLY) for name, path in (("f", d / "f"), ("sub", e / "sub"))}
+        try:
+            return times_changed(
+                {"d": d, "e": e, **descriptors}, lambda: renameat2(d / "f", e / "sub", RENAME_EXCHANGE)
+            )
+        finally:
+            for descriptor in descriptors.values():
+                os.close(descriptor)
 
     places.same(case)
 
