@@ -1156,10 +1156,12 @@ class GridFilesystem:
                     raise FsError(errno.ENOTEMPTY)
         # The new name is recorded before anything changes: refused (a full disk), the rename changes nothing;
         # and a crash or refusal between the two records leaves two names, never none. A rename changes the
-        # inode (its ctime), as on Linux.
+        # inode (its ctime), as on Linux: a hard-linked file's other names get it in the same record, so that
+        # whichever name the inode's fields are next read from shows it.
         fields = self._fields(inode)
         fields.ctime_ns = time.time_ns()
-        self._change_fields(inode, fields, partial(self._record_link, target_dir, name_new, inode))
+        names = [where for where in inode.names if where != (source_dir, name_old)] + [(target_dir, name_new)]
+        self._change_fields(inode, fields, partial(self._touch, inode, names))
         if replaced is not None:
             self._name_removed(replaced, target_dir, name_new)
         self._unname(inode, source_dir, name_old)

@@ -176,3 +176,27 @@ def test_a_kill_during_the_first_write_does_not_split_the_names(node, monkeypatc
         assert f.inode == g.inode and data["f"] == data["g"], data
 
     run(node, second)
+
+
+def test_a_rename_of_one_name_changes_the_ctime_every_name_shows(node):
+    """Renaming one name of a linked file changes the file's ctime; a stat after its other name's directory is read
+    again (which takes the inode's fields from that name's entry) still shows it."""
+
+    async def body(fs: GridFilesystem) -> None:
+        g = await write_file(fs, ROOT_INODE, "g", b"linked")
+        await fs.link(g, ROOT_INODE, "h")
+        assert await fs.drain()
+        await fs.forget([(g, 2)])  # the kernel lets go: looked up again, the inode's fields come from an entry
+        g = (await fs.lookup(ROOT_INODE, "g")).inode
+        assert (await fs.lookup(ROOT_INODE, "h")).inode == g and fs.inodes[g].local is None
+        before = (await fs.getattr(g)).ctime_ns
+        await trio.sleep(0.01)
+        await fs.rename(ROOT_INODE, "g", ROOT_INODE, "moved", 0)
+        assert await fs.drain()
+        for name in ("h", "moved"):
+            expire_listing(fs.root.directory)
+            attributes = await fs.lookup(ROOT_INODE, name)
+            assert attributes.inode == g and attributes.ctime_ns > before, name
+            assert (await fs.getattr(g)).ctime_ns == attributes.ctime_ns
+
+    run(node, body)
