@@ -13,7 +13,7 @@ from lafs_core.caps import ChkCap, LiteralCap
 from lafs_core.errors import FormatError, LafsError, NotEnoughSharesError
 from lafs_core.fetch import drive
 from lafs_core.immutable.decode import CapMismatchError, ChkReader, read_shares
-from lafs_core.immutable.encode import ChkEncoder, encode_bytes
+from lafs_core.immutable.encode import ChkEncoder, ReencodingMismatchError, encode_bytes
 from lafs_core.immutable.layout import parse_header, parse_uri_extension
 from lafs_core.immutable.params import ChkParameters
 
@@ -209,6 +209,23 @@ def test_encoder_refuses_wrong_amount_of_data():
     list(encoder.write(b"x" * 99))
     with pytest.raises(ValueError):
         list(encoder.finish())
+
+
+def test_encoder_refuses_to_finish_shares_of_another_file():
+    """Regenerating shares under the wrong parameters stops before the trailers that complete any share."""
+    data = os.urandom(300_000)
+    cap, _shares = encode_bytes(data, key=bytes(16))
+    assert isinstance(cap, ChkCap)
+    wrong = ChkEncoder(bytes(16), ChkParameters.for_size(len(data), 3, 10, 64 * 1024), expected=cap)
+    writes = list(wrong.write(data))
+    with pytest.raises(ReencodingMismatchError):
+        writes += list(wrong.finish())
+    assert wrong.cap is None
+    assert max(w.offset for w in writes) < wrong.offsets.plaintext_hash_tree
+    right = ChkEncoder(bytes(16), ChkParameters.for_size(len(data), 3, 10), expected=cap)
+    list(right.write(data))
+    list(right.finish())
+    assert right.cap == cap
 
 
 def test_errors_are_lafs_errors():

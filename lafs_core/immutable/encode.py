@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..caps import ChkCap, LiteralCap
 from ..codec import CrsCodec
 from ..crypto import AesCtr
+from ..errors import LafsError
 from ..hashes import (
     block_hash,
     convergence_hasher,
@@ -34,6 +35,10 @@ class ShareWrite:
     data: Sequence[bytes | memoryview]
 
 
+class ReencodingMismatchError(LafsError):
+    """Re-encoding produced another file than the cap names: its shares must not be stored."""
+
+
 def convergent_key(chunks: Iterable[bytes], convergence: bytes, params: ChkParameters) -> bytes:
     """The convergent AES key of the plaintext given as chunks, for these encoding parameters."""
     hasher = convergence_hasher(convergence, params.needed, params.total, params.segment_size)
@@ -47,11 +52,16 @@ class ChkEncoder:
 
     `write` and `finish` yield ShareWrites; after `finish` the `cap` attribute holds the file's CHK cap.
     The first write to come out is the header at offset 0.
+
+    Given `expected`, the encoder regenerates an existing file's shares (repair): it raises ReencodingMismatchError
+    instead of yielding the trailers if the result is not that file. The trailers are the last bytes of every
+    share, so a mismatch is found before any share is complete.
     """
 
-    def __init__(self, key: bytes, params: ChkParameters) -> None:
+    def __init__(self, key: bytes, params: ChkParameters, expected: ChkCap | None = None) -> None:
         self.params = params
         self.key = key
+        self.expected = expected
         self.offsets: ShareOffsets = expected_offsets(params)
         self.share_size = self.offsets.share_size(len(ueb_for(params, bytes(32), bytes(32), bytes(32)).pack()))
         self.cap: ChkCap | None = None
@@ -130,7 +140,10 @@ class ChkEncoder:
                 + length_field
                 + ueb
             )
-        self.cap = ChkCap(self.key, uri_extension_hash(ueb), params.needed, params.total, params.size)
+        cap = ChkCap(self.key, uri_extension_hash(ueb), params.needed, params.total, params.size)
+        if self.expected is not None and cap != self.expected:
+            raise ReencodingMismatchError("re-encoding the file did not reproduce its cap (UEB hash differs)")
+        self.cap = cap
         return ShareWrite(self.offsets.plaintext_hash_tree, trailers)
 
 
