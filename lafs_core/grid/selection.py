@@ -38,6 +38,15 @@ def happiness(placements: Mapping[str, Iterable[int]]) -> int:
     return sum(augment(server, set()) for server in placements)
 
 
+def by_server(shares: Mapping[int, Iterable[str]]) -> dict[str, set[int]]:
+    """Server id -> share numbers it holds, from share number -> server ids (what `happiness` takes)."""
+    held: dict[str, set[int]] = {}
+    for shnum, servers in shares.items():
+        for server_id in servers:
+            held.setdefault(server_id, set()).add(shnum)
+    return held
+
+
 def spread(
     shnums: Sequence[int], servers: Sequence[str], load: Mapping[str, int] | None = None
 ) -> dict[str, list[int]]:

@@ -26,7 +26,7 @@ from ..hashes import storage_index_hash
 from ..immutable.encode import ChkEncoder, ShareWrite, convergent_key
 from ..immutable.params import LIT_THRESHOLD, ChkParameters
 from .grid import Grid, gather_per_server
-from .selection import happiness, spread
+from .selection import by_server, happiness, spread
 from .server_api import AllocationResult, StorageServer, StorageServerError
 
 log = logging.getLogger("blackmatch.upload")
@@ -78,13 +78,38 @@ class Placement:
         return held
 
 
-async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upload_secret: bytes) -> Placement:
+@dataclass(frozen=True)
+class PlacementGoal:
+    """What a placement aims for: N shares, spread for happiness; and what happiness it must reach."""
+
+    total: int
+    happy: int
+    required: int
+    """Below this happiness the upload fails and aborts. Repair asks for 0: every share it places adds
+    redundancy, even when the grid has too few servers left to be happy (Tahoe's repairer does the same)."""
+    known: Mapping[int, frozenset[str]] | None = None
+    """Share number -> servers known to hold a good copy (repair: what the checker found). Given, it is the
+    only holding believed: a server's claim to hold any other share (a corrupt copy) puts that share elsewhere."""
+
+    @classmethod
+    def of(cls, grid: Grid) -> PlacementGoal:
+        """An ordinary upload's goal: the node's N and happiness, both required."""
+        return cls(grid.encoding.total, grid.encoding.happy, grid.encoding.happy)
+
+    def believes(self, server_id: str, shnum: int) -> bool:
+        return self.known is None or server_id in self.known.get(shnum, frozenset())
+
+
+async def allocate_shares(
+    grid: Grid, storage_index: bytes, share_size: int, upload_secret: bytes, goal: PlacementGoal | None = None
+) -> Placement:
     """Ask servers along the ring for buckets until every share has a home, or no server is left to ask; then,
     if that is not happy enough, move shares onto servers that hold none."""
-    total = grid.encoding.total
+    goal = goal or PlacementGoal.of(grid)
+    total = goal.total
     ring = grid.permuted(storage_index)
     writers: dict[int, _ShareWriter] = {}
-    held: dict[str, set[int]] = {}
+    held = by_server(goal.known or {})
     errored: set[str] = set()
     declined: dict[str, set[int]] = {}  # share numbers a server would not take (no room, or another upload's)
     refusals: list[str] = []
@@ -100,11 +125,12 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
             refusals.append(str(result))
             return
         assert isinstance(result, AllocationResult)
-        if result.already_have:
-            held.setdefault(server.server_id, set()).update(result.already_have)
+        believed = {shnum for shnum in result.already_have if goal.believes(server.server_id, shnum)}
+        if believed:
+            held.setdefault(server.server_id, set()).update(believed)
         for shnum in result.allocated:
             writers[shnum] = _ShareWriter(server, shnum)
-        missed = set(wanted) - set(result.allocated) - set(result.already_have)
+        missed = set(wanted) - set(result.allocated) - believed
         if missed:
             declined.setdefault(server.server_id, set()).update(missed)
 
@@ -120,7 +146,7 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
         if not declined[server.server_id]:
             del declined[server.server_id]
 
-    homeless = list(range(total))
+    homeless = [s for s in range(total) if not any(s in shares for shares in held.values())]
     candidates = ring[: max(total, 1)]
     reclaimed: set[str] = set()
     while homeless:
@@ -145,7 +171,7 @@ async def allocate_shares(grid: Grid, storage_index: bytes, share_size: int, upl
         placed = set(writers) | {s for shares in held.values() for s in shares}
         homeless = [s for s in range(total) if s not in placed]
     placement = Placement(writers, held, refusals)
-    await _rebalance(grid, storage_index, upload_secret, ring, placement, errored, declined, ask, record)
+    await _rebalance(grid, storage_index, upload_secret, ring, placement, goal.happy, errored, declined, ask, record)
     return placement
 
 
@@ -164,6 +190,7 @@ async def _rebalance(
     upload_secret: bytes,
     ring: list[StorageServer],
     placement: Placement,
+    happy: int,
     errored: set[str],
     declined: dict[str, set[int]],
     ask: Ask,
@@ -176,7 +203,7 @@ async def _rebalance(
     share numbers that upload had. A share being written elsewhere moves (its old bucket is aborted); one
     already stored elsewhere is written once more.
     """
-    while happiness(holdings := placement.holdings()) < grid.encoding.happy:
+    while happiness(holdings := placement.holdings()) < happy:
         idle = [s for s in ring if s.server_id not in holdings and s.server_id not in errored]
         crowded = sorted(
             ((server_id, shnum) for server_id, shnums in holdings.items() if len(shnums) > 1 for shnum in shnums),
@@ -213,16 +240,26 @@ async def _abort(grid: Grid, storage_index: bytes, upload_secret: bytes, writers
             nursery.start_soon(abort, writer)
 
 
-def _check_happiness(grid: Grid, placement: Placement, storage_index: bytes) -> None:
+def _check_happiness(grid: Grid, placement: Placement, storage_index: bytes, required: int) -> None:
     achieved = happiness(placement.holdings())
-    if achieved < grid.encoding.happy:
+    if achieved < required:
         servers = len(placement.holdings())
         why = "".join(f"; {reason}" for reason in placement.refusals)
         raise UploadUnhappyError(
             f"shares of {base32.encode(storage_index)[:8]} reached only {servers} servers, happiness {achieved}; "
-            f"need {grid.encoding.happy} (of {len(grid.servers)} servers configured, "
+            f"need {required} (of {len(grid.servers)} servers configured, "
             f"k={grid.encoding.needed}, N={grid.encoding.total}){why}"
         )
+
+
+@dataclass(frozen=True)
+class UploadedShares:
+    """An upload's outcome: the cap, the shares it wrote and where every share now is."""
+
+    cap: ChkCap
+    written: dict[int, str]
+    """Share number -> server id of each share this upload wrote (shares servers already held are not in it)."""
+    holdings: dict[str, set[int]]
 
 
 async def upload_immutable(grid: Grid, size: int, open_chunks: OpenChunks, *, key: bytes | None = None) -> Cap:
@@ -239,21 +276,33 @@ async def upload_immutable(grid: Grid, size: int, open_chunks: OpenChunks, *, ke
             key = convergent_key(open_chunks(), grid.convergence, params)
         else:
             key = await trio.to_thread.run_sync(lambda: convergent_key(open_chunks(), grid.convergence, params))
-    storage_index = storage_index_hash(key)
-    encoder = ChkEncoder(key, params)
+    uploaded = await upload_encoded(grid, ChkEncoder(key, params), open_chunks, PlacementGoal.of(grid))
+    return uploaded.cap
+
+
+async def upload_encoded(
+    grid: Grid, encoder: ChkEncoder, open_chunks: OpenChunks, goal: PlacementGoal
+) -> UploadedShares:
+    """Place the shares of a fresh encoder's file for `goal` and write those not already held."""
+    storage_index = storage_index_hash(encoder.key)
     upload_secret = grid.upload_secret(storage_index)
     async with grid.uploading(storage_index):  # one upload of the same file at a time: they share the secret
-        return await _upload(grid, encoder, open_chunks, size, storage_index, upload_secret)
+        return await _upload(grid, encoder, open_chunks, storage_index, upload_secret, goal)
 
 
 async def _upload(
-    grid: Grid, encoder: ChkEncoder, open_chunks: OpenChunks, size: int, storage_index: bytes, upload_secret: bytes
-) -> Cap:
-    placement = await allocate_shares(grid, storage_index, encoder.share_size, upload_secret)
+    grid: Grid,
+    encoder: ChkEncoder,
+    open_chunks: OpenChunks,
+    storage_index: bytes,
+    upload_secret: bytes,
+    goal: PlacementGoal,
+) -> UploadedShares:
+    placement = await allocate_shares(grid, storage_index, encoder.share_size, upload_secret, goal)
     try:
-        _check_happiness(grid, placement, storage_index)
-        await _stream(grid, encoder, open_chunks, storage_index, upload_secret, placement)
-        _check_happiness(grid, placement, storage_index)
+        _check_happiness(grid, placement, storage_index, goal.required)
+        await _stream(grid, encoder, open_chunks, storage_index, upload_secret, placement, goal.required)
+        _check_happiness(grid, placement, storage_index, goal.required)
         incomplete = [w.shnum for w in placement.writers.values() if not w.complete]
         if incomplete:
             raise LafsError(f"servers did not confirm shares {incomplete} complete")
@@ -265,11 +314,12 @@ async def _upload(
     log.info(
         "uploaded %s: %d bytes, %d shares on %d servers",
         base32.encode(storage_index)[:8],
-        size,
+        encoder.params.size,
         len(placement.writers),
         len(placement.holdings()),
     )
-    return encoder.cap
+    written = {shnum: writer.server.server_id for shnum, writer in placement.writers.items()}
+    return UploadedShares(encoder.cap, written, placement.holdings())
 
 
 async def _stream(
@@ -279,6 +329,7 @@ async def _stream(
     storage_index: bytes,
     upload_secret: bytes,
     placement: Placement,
+    required: int,
 ) -> None:
     def encoded() -> Iterator[ShareWrite]:
         for chunk in open_chunks():
@@ -301,7 +352,7 @@ async def _stream(
             log.warning("server %s failed during upload: %s", writer.server.nickname, exc)
             writer.failed = True
             placement.writers.pop(writer.shnum, None)
-            _check_happiness(grid, placement, storage_index)
+            _check_happiness(grid, placement, storage_index, required)
         finally:
             writer.in_flight.release()
 
