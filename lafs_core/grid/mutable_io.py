@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import trio
 
@@ -122,6 +123,14 @@ def _placements(
     return sorted(refs)
 
 
+@dataclass(frozen=True)
+class Published:
+    """A version written: its signed prefix, and where its shares went (server id -> share numbers)."""
+
+    prefix: SignedPrefix
+    written: dict[str, set[int]]
+
+
 async def publish(
     grid: Grid,
     keys: WriterKeys,
@@ -132,6 +141,20 @@ async def publish(
     total: int | None = None,
 ) -> SignedPrefix:
     """Write a new version; UncoordinatedWriteError if another writer got there first on any share."""
+    published = await publish_version(grid, keys, plaintext, servermap, file_format, needed, total)
+    return published.prefix
+
+
+async def publish_version(
+    grid: Grid,
+    keys: WriterKeys,
+    plaintext: bytes,
+    servermap: ServerMap | None,
+    file_format: str,
+    needed: int | None = None,
+    total: int | None = None,
+) -> Published:
+    """`publish`, telling where each share of the new version was written (repair reports it)."""
     needed = needed or grid.encoding.needed
     total = min(total or grid.encoding.total, 255)
     version_number = MDMF_VERSION if file_format == MDMF else SDMF_VERSION
@@ -158,7 +181,7 @@ async def publish(
             f"new version of mutable file {base32.encode(keys.storage_index)[:8]} reached happiness {achieved} "
             f"(need {required}); {len(wanted)} shares have no server"
         )
-    return encoded.prefix
+    return Published(encoded.prefix, written)
 
 
 async def _write_round(
