@@ -1,7 +1,7 @@
 """Real `blackmatch storage run` processes on loopback, for integration tests and benchmarks.
 
-A StorageCluster makes N server directories, starts one process per directory, and can stop, kill and restart
-them one by one; leaving the `with` block kills whatever still runs, even when the test failed.
+A StorageCluster makes N server directories, starts one process per directory, can stop, kill and restart them
+one by one and add new ones; leaving the `with` block kills whatever still runs, even when the test failed.
 """
 
 from __future__ import annotations
@@ -128,6 +128,14 @@ class StorageCluster:
     def restart(self, index: int) -> None:
         self.processes[index].start()
         self.processes[index].wait_for("listening on")
+
+    def add(self) -> int:
+        """Start one more server (a new machine joining the grid); returns its index."""
+        index = len(self.servers)
+        self.servers.append(create_server_dir(self.root / f"storage-{index}"))
+        self.processes.append(StorageProcess(self.servers[index].path))
+        self.restart(index)
+        return index
 
     def create_node(self, node_dir: Path, needed: int = 3, happy: int = 5, total: int = 10) -> Path:
         """A client node directory using every server of the cluster, made with `blackmatch create-node`."""
