@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Hashable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Hashable, Mapping
+from typing import TypeVar
 
 import trio
 
 from .. import base32
-from ..block_reader import BlockReader
 from ..caps import ChkCap, LiteralCap
 from ..errors import NotEnoughSharesError, sole_exception
 from ..fetch import FetchBatch, FetchResults, Span
@@ -70,15 +69,27 @@ async def read_spans(read: Callable[[int, int], Awaitable[bytes]], spans: list[S
     return out
 
 
+def share_fetcher(servers: dict[str, StorageServer], storage_index: bytes, mutable: bool) -> Fetch:
+    """How a reader's requests for a share named by ShareRef are served: every span from its server at once."""
+
+    async def fetch(key: Hashable, spans: list[Span]) -> list[bytes]:
+        assert isinstance(key, ShareRef)
+        server = servers[key.server]
+        read = server.read_mutable_share if mutable else server.read_immutable_share
+        return await read_spans(lambda offset, length: read(storage_index, key.shnum, offset, length), spans)
+
+    return fetch
+
+
 async def advise_corrupt(
-    reader: BlockReader[Any],
+    corrupt_shares: Mapping[Hashable, str],
     servers: dict[str, StorageServer],
     storage_index: bytes,
     mutable: bool,
     already: set[Hashable],
 ) -> None:
-    """Tell each server about its shares that failed verification (once per share)."""
-    for key, reason in list(reader.corrupt_shares.items()):
+    """Tell each server about its shares that failed verification (once per share), with the reason."""
+    for key, reason in list(corrupt_shares.items()):
         if key in already or not isinstance(key, ShareRef):
             continue
         already.add(key)
@@ -105,6 +116,7 @@ class ImmutableFile:
         self._reader: ChkReader | None = None
         self._servers = {s.server_id: s for s in grid.servers}
         self._advised: set[Hashable] = set()
+        self._fetch = share_fetcher(self._servers, self.storage_index, mutable=False)
         self._lock = trio.Lock()
 
     async def _locate(self) -> ChkReader:
@@ -142,19 +154,12 @@ class ImmutableFile:
                 self._reader = reader
             return self._reader
 
-    async def _fetch(self, key: Hashable, spans: list[Span]) -> list[bytes]:
-        assert isinstance(key, ShareRef)
-        server = self._servers[key.server]
-        return await read_spans(
-            lambda offset, length: server.read_immutable_share(self.storage_index, key.shnum, offset, length), spans
-        )
-
     async def _run(self, steps: Generator[FetchBatch, FetchResults, T]) -> T:
         reader = await self._locate()
         try:
             return await drive_async(steps, self._fetch)
         finally:
-            await advise_corrupt(reader, self._servers, self.storage_index, False, self._advised)
+            await advise_corrupt(reader.corrupt_shares, self._servers, self.storage_index, False, self._advised)
 
     async def read(self, start: int = 0, end: int | None = None) -> bytes:
         reader = await self._locate()

@@ -9,7 +9,6 @@ and callers re-read and re-apply their change; nothing another writer wrote is e
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 import trio
@@ -17,13 +16,12 @@ import trio
 from .. import base32
 from ..caps import MdmfWriteCap, MutableReadCap, MutableVerifierCap, MutableWriteCap
 from ..errors import FormatError, NotEnoughSharesError
-from ..fetch import Span
 from ..mutable.encode import EncodedVersion, encode_version
 from ..mutable.keys import MDMF, SDMF, WriterKeys, writer_keys_from_share
 from ..mutable.layout import MDMF_CHECKSTRING_SIZE, MDMF_VERSION, SDMF_VERSION, NeedMoreData, SignedPrefix
 from ..mutable.publish import UncoordinatedWriteError, next_seqnum, publish_vectors
 from ..mutable.retrieve import INITIAL_READ_SIZE, MutableReader, ServerMap, ShareRef, UnrecoverableFileError, readkey_of
-from .download import advise_corrupt, drive_async, read_spans
+from .download import advise_corrupt, drive_async, share_fetcher
 from .grid import Grid, gather_per_server, no_server_answered, summarize_failures
 from .selection import happiness, spread
 from .server_api import StorageServer, StorageServerError
@@ -65,18 +63,11 @@ async def read_version(
     """The plaintext of one version, every block checked."""
     reader = MutableReader(readkey_of(cap), servermap, version)
     servers = {s.server_id: s for s in grid.servers}
-
-    async def fetch(key: Hashable, spans: list[Span]) -> list[bytes]:
-        assert isinstance(key, ShareRef)
-        server = servers[key.server]
-        return await read_spans(
-            lambda offset, length: server.read_mutable_share(cap.storage_index, key.shnum, offset, length), spans
-        )
-
     try:
+        fetch = share_fetcher(servers, cap.storage_index, mutable=True)
         return await drive_async(reader.read(0, version.data_length), fetch)
     finally:
-        await advise_corrupt(reader, servers, cap.storage_index, True, set())
+        await advise_corrupt(reader.corrupt_shares, servers, cap.storage_index, True, set())
 
 
 async def retrieve(grid: Grid, cap: MutableWriteCap | MutableReadCap) -> tuple[bytes, ServerMap, SignedPrefix]:
