@@ -220,6 +220,35 @@ class BlockReader(ABC, Generic[PlanT]):
                 self._drop(exc.share, exc)
                 blocks.pop(self._shares[exc.share].shnum, None)
 
+    def verify_share(self, key: Hashable) -> Generator[FetchBatch, FetchResults, str | None]:
+        """Check one share whole, as Tahoe's verifier does: set it up (its hash chain against the root the cap or
+        the signature vouches for), then read every block and check it against the share's block tree.
+
+        Returns None for a good share, else why it is not: one that failed a check is also in `bad_shares`
+        (corrupt), one that could not be read in `unavailable`. Needs no other share and decodes nothing, so
+        each share is judged on its own bytes."""
+        share = self._shares[key]
+        if not (yield from self._setup([share])):
+            return self._verdict(key)
+        for segnum in range(self.num_segments):
+            plan = self._plan(segnum, [])
+            batch = self._collect([share], functools.partial(self._segment_needs, segnum=segnum, plan=plan))
+            if batch is None:
+                return self._verdict(key)
+            if batch.requests:
+                self._receive(batch, (yield batch))
+                if key in self.unavailable:
+                    return self._verdict(key)
+            try:
+                self._checked_block(share, segnum, plan)
+            except (BadShareError, FormatError) as exc:
+                self._drop(key, exc)
+                return self._verdict(key)
+        return None
+
+    def _verdict(self, key: Hashable) -> str:
+        return self.bad_shares.get(key) or self.unavailable.get(key) or "share could not be checked"
+
     def read(self, start: int, end: int) -> Generator[FetchBatch, FetchResults, bytes]:
         """Plaintext bytes [start, end), fetching only the segments that cover them."""
         end = min(end, self.size)

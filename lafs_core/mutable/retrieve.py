@@ -203,6 +203,7 @@ class MutableReader(BlockReader[_Plan]):
     def _checked_block(self, share: ShareState, segnum: int, plan: _Plan) -> bytes:
         offset, length = self._block_span(share, segnum)
         data = share.cache.get(offset, length)
+        share.cache.discard(offset)  # a block is used once; keep the cache to metadata
         if data is None:
             raise BadShareError(share.key, "share is truncated (block missing)")
         if self.version.version == MDMF_VERSION:
