@@ -16,6 +16,7 @@ from lafs_core.errors import LafsError, sole_exception
 
 from . import debug_commands
 from .grid_commands import add_grid_commands
+from .maintenance_commands import add_maintenance_commands
 from .mount_commands import add_mount_commands
 from .node_options import add_node_directory_option
 from .status_command import add_status_command
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_grid_commands(commands)
+    add_maintenance_commands(commands)
     add_storage_commands(commands)
     add_mount_commands(commands)
     add_status_command(commands)

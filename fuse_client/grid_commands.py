@@ -174,7 +174,7 @@ async def _on_grid(node: NodeDirectory, work: Callable[[Grid], Awaitable[T]]) ->
         await grid.aclose()
 
 
-def _location(text: str, node: NodeDirectory) -> tuple[Cap, list[str]]:
+def location_of(text: str, node: NodeDirectory) -> tuple[Cap, list[str]]:
     """The root and path components of a location, each component the Tahoe name a mount keeps it under: a name
     typed as bytes that are not UTF-8 reaches the entry the mount made of them."""
     root, components = parse_location(text, node.aliases())
@@ -199,7 +199,7 @@ def shown_name(name: str) -> str:
 
 
 def _split_parent(grid_location: str, node: NodeDirectory) -> tuple[Cap, list[str], str]:
-    root, components = _location(grid_location, node)
+    root, components = location_of(grid_location, node)
     if not components:
         raise LafsError(f"{shown_location(grid_location)!r} names no entry inside a directory")
     return root, components[:-1], components[-1]
@@ -327,7 +327,7 @@ async def _put(grid: Grid, node: NodeDirectory, path: Path, args: argparse.Names
     target) is overwritten in place instead, keeping its cap, as `tahoe put` does."""
     if not args.target:
         return await _upload_path(grid, path, args.mutable)
-    root, components = _location(args.target, node)
+    root, components = location_of(args.target, node)
     shown = shown_location(args.target)
     if not components:
         if isinstance(root, MutableWriteCap | MutableReadCap):
@@ -383,7 +383,7 @@ async def _upload_path(grid: Grid, path: Path, mutable: bool) -> Cap:
 
 
 async def get_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
-    root, components = _location(args.source, node)
+    root, components = location_of(args.source, node)
     cap, entry = await resolve(grid, root, components)
     if isinstance(cap, DirectoryCap):
         raise NotADirectoryCapError(f"{shown_location(args.source)} is a directory; use ls")
@@ -465,7 +465,7 @@ def replaced_when_complete(target: Path) -> Iterator[BinaryIO]:
 
 
 async def ls_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
-    root, components = _location(args.path, node)
+    root, components = location_of(args.path, node)
     cap, entry = await resolve(grid, root, components)
     if isinstance(sys.stdout, io.TextIOWrapper):  # names print as the bytes a mount shows, UTF-8 or not
         sys.stdout.reconfigure(errors="surrogateescape")
@@ -509,7 +509,7 @@ async def _link(
     """Link the object at `source` at `target` (inside it, if `target` is a directory); return its old place.
 
     A bare cap as `source` (as `tahoe ln` allows) has no old place: (None, None, its new entry)."""
-    src_root, src_components = _location(source, node)
+    src_root, src_components = location_of(source, node)
     if not src_components:
         src_parent, src_name, entry = None, None, child_entry(src_root)
     else:
@@ -519,7 +519,7 @@ async def _link(
         if found is None:
             raise NoSuchChildError(f"{shown_location(source)} does not exist")
         entry = found
-    dst_root, dst_components = _location(target, node)
+    dst_root, dst_components = location_of(target, node)
     try:
         existing, _ = await resolve(grid, dst_root, dst_components)
     except NoSuchChildError:
@@ -553,7 +553,7 @@ async def ln_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) 
 
 
 async def mv_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
-    if not _location(args.source, node)[1]:
+    if not location_of(args.source, node)[1]:
         raise LafsError(f"{shown_location(args.source)!r} names no entry inside a directory: nothing to move")
     src_parent, src_name, entry = await _link(grid, node, args.source, args.target)
     assert src_parent is not None and src_name is not None

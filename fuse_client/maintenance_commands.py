@@ -1,0 +1,261 @@
+"""`blackmatch check` and `blackmatch deep-check`, as Tahoe's `tahoe check` and `tahoe deep-check -v` report.
+
+TARGET is `alias:path`, a cap (`CAP/path` too), or a path on a blackmatch mount (its `user.tahoe.readcap`).
+Text output follows Tahoe's CLI; `--json` follows Tahoe's web JSON (`t=check&output=JSON` for check, the lines of
+`t=stream-deep-check` for deep-check). Only read caps and verify caps are ever printed, never a write cap.
+
+Exit status, unlike Tahoe's (which exits 0 whatever it finds), tells scripts the verdict: 0 everything checked is
+healthy; 3 something is not healthy but everything is recoverable; 4 something is unrecoverable (or a directory
+could not be listed, so what is below it went unchecked); 1 the check itself failed (grid unreachable, bad
+target); 2 a usage mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grid_server.filesystem import READCAP_XATTR
+from lafs_core import base32
+from lafs_core.caps import Cap, DirectoryCap, UnknownCap, parse_known_cap
+from lafs_core.errors import LafsError
+from lafs_core.grid.checker import CheckResult, check
+from lafs_core.grid.directory import resolve
+from lafs_core.grid.grid import Grid, NoServerAnsweredError
+from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.traverse import walk
+
+from .grid_commands import grid_handler, location_of, shown_name
+from .mount_commands import is_blackmatch, mounts
+from .node_options import add_node_directory_option
+
+EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNRECOVERABLE = 0, 3, 4
+
+_EPILOG = (
+    "exit status: 0 all healthy; 3 something not healthy (but recoverable); 4 something unrecoverable; "
+    "1 the check failed (grid unreachable, bad target)"
+)
+
+
+def add_maintenance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, handler, helptext in (
+        ("check", check_command, "check the shares of one file or directory"),
+        ("deep-check", deep_check_command, "check everything reachable from a directory"),
+    ):
+        sub = commands.add_parser(name, help=helptext, description=helptext, epilog=_EPILOG)
+        add_node_directory_option(sub)
+        sub.add_argument(
+            "--verify", action="store_true", help="read every share whole and check every block against its hashes"
+        )
+        sub.add_argument("--add-lease", action="store_true", help="renew this node's lease on every share found")
+        sub.add_argument("--json", action="store_true", help="JSON in the shape of Tahoe's check results")
+        sub.add_argument("target", metavar="TARGET", help="alias:path, a cap, or a path on a blackmatch mount")
+        sub.set_defaults(handler=grid_handler(handler))
+
+
+# --- what to check -----------------------------------------------------------------------------------------------
+async def target_cap(grid: Grid, node: NodeDirectory, text: str) -> Cap:
+    """The object TARGET names: a path on a blackmatch mount by its read cap, else a grid location."""
+    mounted = mounted_readcap(text)
+    if mounted is not None:
+        return mounted
+    root, components = location_of(text, node)
+    cap, _entry = await resolve(grid, root, components)
+    return cap
+
+
+def mounted_readcap(text: str) -> Cap | None:
+    """The read cap of a path on a blackmatch mount; None when `text` is not a path on one."""
+    try:
+        value = os.getxattr(text, READCAP_XATTR)
+    except OSError as exc:
+        if exc.errno == errno.ENODATA and _on_blackmatch_mount(Path(text)):
+            raise LafsError(f"{text} is not on the grid yet: check it once its upload is done") from None
+        return None
+    return parse_known_cap(value.decode("ascii"))
+
+
+def _on_blackmatch_mount(path: Path) -> bool:
+    """Whether the innermost mount holding `path` is a blackmatch mount."""
+    where = os.path.realpath(path)
+    holding = [m for m in mounts() if where == m.mountpoint or where.startswith(m.mountpoint.rstrip("/") + "/")]
+    return bool(holding) and is_blackmatch(max(holding, key=lambda m: len(m.mountpoint)))
+
+
+# --- what a check says -------------------------------------------------------------------------------------------
+def _si(result: CheckResult) -> str:
+    return base32.encode(result.storage_index) if result.storage_index is not None else ""
+
+
+def _corrupt_line(result: CheckResult, server_id: str, shnum: int) -> str:
+    return f"server {server_id}, SI {_si(result)}, shnum {shnum}"
+
+
+def check_text(result: CheckResult) -> list[str]:
+    """`tahoe check`'s lines, then the good share hosts and happiness Tahoe shows only on its web page."""
+    lines = [f"Summary: {result.summary}", f" storage index: {_si(result)}"]
+    if result.storage_index is None:
+        return lines
+    lines += [
+        f" good-shares: {len(result.good_shares)} (encoding is {result.needed}-of-{result.expected})",
+        f" wrong-shares: {result.wrong_shares}",
+        f" good-share-hosts: {result.good_share_hosts}",
+        f" happiness: {result.happiness}",
+    ]
+    if result.corrupt_shares:
+        lines.append(" corrupt shares:")
+        lines += [f"  {_corrupt_line(result, share.server_id, share.shnum)}" for share in result.corrupt_shares]
+    return lines
+
+
+def check_json(result: CheckResult) -> dict[str, Any]:
+    """The JSON Tahoe's web API gives for `t=check&output=JSON` (a LIT object: storage index "" and healthy only)."""
+    if result.storage_index is None:
+        return {"storage-index": "", "results": {"healthy": True}}
+    si = _si(result)
+    return {
+        "storage-index": si,
+        "summary": result.summary,
+        "results": {
+            "count-happiness": result.happiness,
+            "count-shares-good": len(result.good_shares),
+            "count-shares-needed": result.needed,
+            "count-shares-expected": result.expected,
+            "count-good-share-hosts": result.good_share_hosts,
+            "count-corrupt-shares": len(result.corrupt_shares),
+            "list-corrupt-shares": [[share.server_id, si, share.shnum] for share in result.corrupt_shares],
+            "servers-responding": sorted(result.servers_responding),
+            "sharemap": {share_id: sorted(servers) for share_id, servers in result.sharemap.items()},
+            "count-wrong-shares": result.wrong_shares,
+            "count-recoverable-versions": result.recoverable_versions,
+            "count-unrecoverable-versions": result.unrecoverable_versions,
+            "healthy": result.healthy,
+            "recoverable": result.recoverable,
+        },
+    }
+
+
+def exit_status(result: CheckResult) -> int:
+    if result.healthy:
+        return EXIT_HEALTHY
+    return EXIT_UNHEALTHY if result.recoverable else EXIT_UNRECOVERABLE
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+async def check_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    cap = await target_cap(grid, node, args.target)
+    result = await check(grid, cap, verify=args.verify, add_lease=args.add_lease)
+    print(json.dumps(check_json(result), indent=1) if args.json else "\n".join(check_text(result)))
+    return exit_status(result)
+
+
+@dataclass
+class DeepCheckTally:
+    """Tahoe's deep-check counters, plus what blackmatch adds: unrecoverable objects, unlistable directories."""
+
+    checked: int = 0
+    healthy: int = 0
+    unhealthy: int = 0
+    unrecoverable: int = 0
+    corrupt_shares: int = 0
+    unlisted: int = 0
+
+    def add(self, result: CheckResult | None) -> None:
+        """Count one object's result (None: it could not be checked, which counts as unrecoverable)."""
+        self.checked += 1
+        if result is not None and result.healthy:
+            self.healthy += 1
+            return
+        self.unhealthy += 1
+        if result is None or not result.recoverable:
+            self.unrecoverable += 1
+        if result is not None:
+            self.corrupt_shares += len(result.corrupt_shares)
+
+    @property
+    def status(self) -> int:
+        if self.unrecoverable or self.unlisted:
+            return EXIT_UNRECOVERABLE
+        return EXIT_UNHEALTHY if self.unhealthy else EXIT_HEALTHY
+
+    def summary(self) -> list[str]:
+        lines = [
+            f"done: {self.checked} objects checked, {self.healthy} healthy, {self.unhealthy} unhealthy",
+            f" {self.unrecoverable} unrecoverable",
+        ]
+        if self.unlisted:
+            lines.append(f" {self.unlisted} directories could not be listed: what is inside them was not checked")
+        return lines
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "count-objects-checked": self.checked,
+            "count-objects-healthy": self.healthy,
+            "count-objects-unhealthy": self.unhealthy,
+            "count-objects-unrecoverable": self.unrecoverable,
+            "count-corrupt-shares": self.corrupt_shares,
+            "count-directories-unlisted": self.unlisted,
+        }
+
+
+def _shown_path(path: tuple[str, ...]) -> str:
+    return "/".join(shown_name(name) for name in path) or "<root>"
+
+
+def _object_line(path: tuple[str, ...], cap: Cap, result: CheckResult | None, error: str | None) -> dict[str, Any]:
+    """One line of Tahoe's stream-deep-check, with the read cap as "cap" where Tahoe gives the write cap."""
+    verifier = cap.verifier()
+    line: dict[str, Any] = {
+        "type": "directory" if isinstance(cap, DirectoryCap) else "file",
+        "path": list(path),
+        "cap": str(cap.readonly()),
+        "verifycap": str(verifier) if verifier is not None else "",
+        "storage-index": base32.encode(cap.storage_index) if cap.storage_index is not None else "",
+    }
+    if result is not None:
+        line["check-results"] = check_json(result)
+    else:
+        line["error"] = error
+    return line
+
+
+async def deep_check_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
+    root = await target_cap(grid, node, args.target)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # names print as the bytes a mount shows, UTF-8 or not
+        sys.stdout.reconfigure(errors="surrogateescape")
+    tally = DeepCheckTally()
+
+    def unlisted(path: tuple[str, ...], exc: LafsError) -> None:
+        tally.unlisted += 1
+        if not args.json:
+            print(f"{_shown_path(path)}: its entries could not be read: {exc}", flush=True)
+
+    async for path, cap in walk(grid, root, unlisted):
+        if isinstance(cap, UnknownCap):
+            continue  # a kind of object this version does not know: Tahoe's deep-check skips those too
+        result, error = None, None
+        try:
+            result = await check(grid, cap, verify=args.verify, add_lease=args.add_lease)
+        except NoServerAnsweredError:
+            raise
+        except LafsError as exc:
+            error = str(exc)
+        tally.add(result)
+        if args.json:
+            print(json.dumps(_object_line(path, cap, result, error)), flush=True)
+            continue
+        if result is None:
+            print(f"{_shown_path(path)}: ERROR: {error}", flush=True)
+            continue
+        print(f"{_shown_path(path)}: {result.summary}", flush=True)
+        for share in result.corrupt_shares:
+            print(f" corrupt: {_corrupt_line(result, share.server_id, share.shnum)}", flush=True)
+    print(json.dumps({"type": "stats", "stats": tally.stats()}) if args.json else "\n".join(tally.summary()))
+    return tally.status
