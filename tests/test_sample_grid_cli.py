@@ -71,3 +71,23 @@ def test_readonly_directory_refuses_changes(node: str) -> None:
     failed = blackmatch("rm", "-d", node, f"{ro_uri}/chk-1k", check=False)
     assert failed.returncode == 1 and b"read-only" in failed.stderr
     assert blackmatch("ls", "-d", node, ro_uri).stdout.decode().splitlines() == sorted(listing[1]["children"])
+
+
+@pytest.mark.parametrize("name", sorted(sample_caps()))
+def test_check_and_verify_call_tahoes_objects_healthy(node: str, name: str) -> None:
+    cap = sample_caps()[name]
+    for options in ([], ["--verify"]):
+        done = blackmatch("check", "-d", node, *options, cap, check=False)
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+        summary = "Summary: Healthy (LIT)" if name.startswith("lit-") else "Summary: Healthy"
+        assert done.stdout.decode().splitlines()[0] == summary
+
+
+def test_deep_check_verifies_tahoes_tree(node: str) -> None:
+    done = blackmatch("deep-check", "-d", node, "--verify", sample_caps()["root"], check=False)
+    lines = done.stdout.decode().splitlines()
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    listed = json.loads((SAMPLE_GRID / DIRECTORIES["root"]).read_text())[1]["children"]
+    assert lines[0] == "<root>: Healthy" and len(lines) > len(listed)
+    assert all(line.endswith(("Healthy", "Healthy (LIT)")) for line in lines[:-2])
+    assert lines[-1] == " 0 unrecoverable"
