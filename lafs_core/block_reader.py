@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 from .errors import BadShareError, FormatError, NotEnoughSharesError
 from .fetch import ByteCache, FetchBatch, FetchResults, Span
+from .hashes import HASH_SIZE
 from .hashtree import BadHashError, IncompleteHashTree, NotEnoughHashesError
 
 
@@ -78,6 +79,10 @@ class BlockReader(ABC, Generic[PlanT]):
     @abstractmethod
     def size(self) -> int:
         """Plaintext bytes of the whole file."""
+
+    @abstractmethod
+    def _block_tree_start(self, share: ShareState) -> int:
+        """Where the share's block hash tree starts (its header is parsed once the share is set up)."""
 
     @abstractmethod
     def _setup_needs(self, share: ShareState) -> list[Span]:
@@ -224,7 +229,8 @@ class BlockReader(ABC, Generic[PlanT]):
         """Check one share whole, as Tahoe's verifier does: set it up (its hash chain against the root the cap or
         the signature vouches for), then read every block and check it against the share's block tree.
 
-        Returns None for a good share, else why it is not: one that failed a check is also in `bad_shares`
+        Then every node of the stored block tree is checked too, used by a block or not. Returns None for a good
+        share, else why it is not: one that failed a check is also in `bad_shares`
         (corrupt), one that could not be read in `unavailable`. Needs no other share and decodes nothing, so
         each share is judged on its own bytes."""
         share = self._shares[key]
@@ -244,6 +250,31 @@ class BlockReader(ABC, Generic[PlanT]):
             except (BadShareError, FormatError) as exc:
                 self._drop(key, exc)
                 return self._verdict(key)
+        assert share.block_tree is not None
+        return (yield from self._check_stored_tree(key, self._block_tree_start(share), share.block_tree, "block"))
+
+    def _check_stored_tree(
+        self, key: Hashable, start: int, tree: IncompleteHashTree, name: str
+    ) -> Generator[FetchBatch, FetchResults, str | None]:
+        """Check every node of a hash tree the share stores from `start` against `tree` (whose root is trusted),
+        as Tahoe's verifier does: a reader uses only the nodes a block needs, but a bad copy of any other would
+        mislead the next reader that needs it. Returns None, or why the share is bad."""
+        share = self._shares[key]
+        span = (start, len(tree) * HASH_SIZE)
+        if share.cache.get(*span) is None:
+            batch = FetchBatch({key: [span]})
+            self._receive(batch, (yield batch))
+            if key in self.unavailable:
+                return self._verdict(key)
+        region = share.cache.get(*span)
+        share.cache.discard(start)
+        try:
+            if region is None:
+                raise FormatError(f"share is truncated ({name} hash tree missing)")
+            tree.set_hashes({i: region[i * HASH_SIZE : (i + 1) * HASH_SIZE] for i in range(len(tree))})
+        except (BadHashError, NotEnoughHashesError, FormatError) as exc:
+            self._drop(key, FormatError(f"{name} hash tree does not check: {exc}"))
+            return self._verdict(key)
         return None
 
     def _verdict(self, key: Hashable) -> str:

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lafs_core import base32
 from lafs_core.caps import Cap, ChkCap, LiteralCap, MutableWriteCap
 from lafs_core.errors import LafsError
+from lafs_core.fetch import bytes_reader, drive
 from lafs_core.grid.checker import CheckResult, check
 from lafs_core.grid.directory import create_directory
 from lafs_core.grid.grid import Grid
 from lafs_core.grid.mutable_io import create_mutable
 from lafs_core.grid.upload import bytes_chunks, upload_immutable
+from lafs_core.immutable.decode import ChkReader
+from lafs_core.immutable.encode import encode_bytes
+from lafs_core.immutable.layout import parse_header
 from lafs_core.mutable.layout import parse_share_header
 from lafs_core.storage.containers import IMMUTABLE_DATA_OFFSET, MUTABLE_DATA_OFFSET
 
@@ -117,3 +123,35 @@ def test_verify_needs_a_read_cap(tmp_path: Path) -> None:
     assert run_check(grid, verifier).healthy
     with pytest.raises(LafsError, match="verify cap"):
         run_check(grid, verifier, verify=True)
+
+
+def _encoded_share() -> tuple[ChkCap, bytes]:
+    cap, shares = encode_bytes(bytes(range(256)) * 12, key=b"k" * 16, max_segment_size=999)
+    assert isinstance(cap, ChkCap)
+    return cap, shares[4]
+
+
+def _verdict(cap: ChkCap, share: bytes) -> str | None:
+    reader = ChkReader(cap, [4])
+    return drive(reader.verify_share(4), {4: bytes_reader(share)})
+
+
+def test_verify_passes_a_whole_share_alone() -> None:
+    cap, share = _encoded_share()
+    assert _verdict(cap, share) is None
+    assert _verdict(cap, share[:-1]) == "share ends inside its UEB"
+
+
+@given(st.data())
+def test_verify_finds_any_flipped_byte_it_is_meant_to_check(data: st.DataObject) -> None:
+    """Every byte of a share is checked but the unused plaintext hash tree region, which no reader trusts."""
+    cap, share = _encoded_share()
+    offsets = parse_header(share)
+    position = data.draw(
+        st.integers(0, len(share) - 1).filter(
+            lambda p: not offsets.plaintext_hash_tree <= p < offsets.crypttext_hash_tree
+        )
+    )
+    flipped = bytearray(share)
+    flipped[position] ^= data.draw(st.integers(1, 255))
+    assert _verdict(cap, bytes(flipped)) is not None

@@ -11,7 +11,7 @@ fails a check is dropped, recorded in `bad_shares` with the reason, and replaced
 cannot be read goes to `unavailable`. If fewer than k usable shares remain, NotEnoughSharesError says why.
 """
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Generator, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..block_reader import BlockReader, ShareState
@@ -19,7 +19,7 @@ from ..caps import ChkCap
 from ..codec import CrsCodec
 from ..crypto import AesCtr
 from ..errors import BadShareError, FormatError, LafsError, NotEnoughSharesError
-from ..fetch import ShareReadFn, Span, bytes_reader, drive
+from ..fetch import FetchBatch, FetchResults, ShareReadFn, Span, bytes_reader, drive
 from ..hashes import HASH_SIZE, block_hash, crypttext_segment_hash, uri_extension_hash
 from ..hashtree import BadHashError, IncompleteHashTree, NotEnoughHashesError, tree_size
 from .layout import (
@@ -204,6 +204,22 @@ class ChkReader(BlockReader[_SegmentPlan]):
         self._share_tree.set_hashes({0: ueb.share_root_hash})
         self._crypttext_tree = IncompleteHashTree(params.num_segments)
         self._crypttext_tree.set_hashes({0: ueb.crypttext_root_hash})
+
+    # --- verifying one share whole ------------------------------------------------------------------------
+    def verify_share(self, key: Hashable) -> Generator[FetchBatch, FetchResults, str | None]:
+        """As the engine verifies a share, then also its copy of the crypttext hash tree against the UEB's root,
+        as Tahoe's verifier does (a download trusts one share's copy at a time, node by node)."""
+        reason = yield from super().verify_share(key)
+        if reason is not None:
+            return reason
+        assert self.ueb is not None and self.params is not None
+        crypttext_tree = IncompleteHashTree(self.params.num_segments)
+        crypttext_tree.set_hashes({0: self.ueb.crypttext_root_hash})
+        start = self._offsets[key].crypttext_hash_tree
+        return (yield from self._check_stored_tree(key, start, crypttext_tree, "crypttext"))
+
+    def _block_tree_start(self, share: ShareState) -> int:
+        return self._offsets[share.key].block_hashes
 
     # --- segments ------------------------------------------------------------------------------------------
     def _plan(self, segnum: int, chosen: list[ShareState]) -> _SegmentPlan:

@@ -160,13 +160,13 @@ class MutableReader(BlockReader[_Plan]):
     def size(self) -> int:
         return self.version.data_length
 
-    def _tree_start(self, share: ShareState) -> int:
+    def _block_tree_start(self, share: ShareState) -> int:
         return self._headers[share.key].offsets.block_hash_tree
 
     def _setup_needs(self, share: ShareState) -> list[Span]:
         if share.ready:
             return []
-        start = self._tree_start(share)
+        start = self._block_tree_start(share)
         root = share.cache.get(start, HASH_SIZE)
         if root is None:
             return share.cache.node_spans(start, tree_size(self.num_segments), [0])
@@ -198,7 +198,7 @@ class MutableReader(BlockReader[_Plan]):
         span = self._block_span(share, segnum)
         spans = [] if share.cache.get(*span) is not None else [span]
         nodes = share.block_tree.needed_hashes(segnum)
-        return spans + share.cache.node_spans(self._tree_start(share), tree_size(self.num_segments), nodes)
+        return spans + share.cache.node_spans(self._block_tree_start(share), tree_size(self.num_segments), nodes)
 
     def _checked_block(self, share: ShareState, segnum: int, plan: _Plan) -> bytes:
         offset, length = self._block_span(share, segnum)
@@ -210,7 +210,7 @@ class MutableReader(BlockReader[_Plan]):
             salt, block = data[:SALT_SIZE], data[SALT_SIZE:]
         else:
             salt, block = self.version.salt or b"", data
-        share.check_block(self._tree_start(share), segnum, leaf_hash(self.version.version, salt, block))
+        share.check_block(self._block_tree_start(share), segnum, leaf_hash(self.version.version, salt, block))
         plan.salt = salt  # checked by the block hash, so every good share agrees on it
         return block
 
