@@ -39,7 +39,7 @@ from ..mutable.retrieve import MutableReader, ServerMap, ShareRef
 from .download import Fetch, advise_corrupt, drive_async, share_fetcher
 from .grid import Grid, gather_per_server, no_server_answered
 from .mutable_io import map_servers
-from .selection import happiness
+from .selection import by_server, happiness
 from .server_api import ShareNotFoundError, StorageServer
 
 log = logging.getLogger("blackmatch.checker")
@@ -89,11 +89,7 @@ class CheckResult:
     @property
     def happiness(self) -> int:
         """How many servers can each contribute a distinct good share (Tahoe's servers of happiness)."""
-        placements: dict[str, set[int]] = {}
-        for shnum, servers in self.good_shares.items():
-            for server in servers:
-                placements.setdefault(server, set()).add(shnum)
-        return happiness(placements)
+        return happiness(by_server(self.good_shares))
 
 
 LITERAL_RESULT = CheckResult(storage_index=None, summary="Healthy (LIT)", healthy=True, recoverable=True)
