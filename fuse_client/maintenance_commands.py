@@ -1,13 +1,15 @@
 """`blackmatch check` and `blackmatch deep-check`, as Tahoe's `tahoe check` and `tahoe deep-check -v` report.
 
-TARGET is `alias:path`, a cap (`CAP/path` too), or a path on a blackmatch mount (its `user.tahoe.readcap`).
+TARGET is `alias:path`, a cap (`CAP/path` too), or a path on a blackmatch mount (its `user.tahoe.readcap`; with
+`--repair`, its `user.tahoe.cap` where the mount has one, as a mutable object's repair needs the write cap).
 Text output follows Tahoe's CLI; `--json` follows Tahoe's web JSON (`t=check&output=JSON` for check, the lines of
-`t=stream-deep-check` for deep-check). Only read caps and verify caps are ever printed, never a write cap.
+`t=stream-deep-check` for deep-check; with `--repair`, Tahoe's check-and-repair results). Only read caps and verify
+caps are ever printed, never a write cap.
 
-Exit status, unlike Tahoe's (which exits 0 whatever it finds), tells scripts the verdict: 0 everything checked is
-healthy; 3 something is not healthy but everything is recoverable; 4 something is unrecoverable (or a directory
-could not be listed, so what is below it went unchecked); 1 the check itself failed (grid unreachable, bad
-target); 2 a usage mistake.
+Exit status, unlike Tahoe's (which exits 0 whatever it finds), tells scripts the verdict (with `--repair`, the
+verdict after the repair): 0 everything checked is healthy; 3 something is not healthy but everything is
+recoverable; 4 something is unrecoverable (or a directory could not be listed, so what is below it went
+unchecked); 1 the check itself failed (grid unreachable, bad target); 2 a usage mistake.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grid_server.filesystem import READCAP_XATTR
+from grid_server.filesystem import CAP_XATTR, READCAP_XATTR
 from lafs_core import base32
 from lafs_core.caps import Cap, DirectoryCap, UnknownCap, parse_known_cap
 from lafs_core.errors import LafsError
@@ -30,6 +32,7 @@ from lafs_core.grid.checker import CheckResult, check
 from lafs_core.grid.directory import resolve
 from lafs_core.grid.grid import Grid, NoServerAnsweredError
 from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.repair import CheckAndRepairResult, check_and_repair
 from lafs_core.grid.traverse import walk
 
 from .grid_commands import grid_handler, location_of, shown_name
@@ -40,7 +43,7 @@ EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNRECOVERABLE = 0, 3, 4
 
 _EPILOG = (
     "exit status: 0 all healthy; 3 something not healthy (but recoverable); 4 something unrecoverable; "
-    "1 the check failed (grid unreachable, bad target)"
+    "1 the check failed (grid unreachable, bad target); with --repair, the state after the repair"
 )
 
 
@@ -55,15 +58,22 @@ def add_maintenance_commands(commands: argparse._SubParsersAction[argparse.Argum
             "--verify", action="store_true", help="read every share whole and check every block against its hashes"
         )
         sub.add_argument("--add-lease", action="store_true", help="renew this node's lease on every share found")
+        sub.add_argument(
+            "--repair",
+            action="store_true",
+            help="regenerate and place missing shares of what is not healthy (mutable: needs the write cap)",
+        )
         sub.add_argument("--json", action="store_true", help="JSON in the shape of Tahoe's check results")
         sub.add_argument("target", metavar="TARGET", help="alias:path, a cap, or a path on a blackmatch mount")
         sub.set_defaults(handler=grid_handler(handler))
 
 
 # --- what to check -----------------------------------------------------------------------------------------------
-async def target_cap(grid: Grid, node: NodeDirectory, text: str) -> Cap:
-    """The object TARGET names: a path on a blackmatch mount by its read cap, else a grid location."""
-    mounted = mounted_readcap(text)
+async def target_cap(grid: Grid, node: NodeDirectory, text: str, *, writable: bool = False) -> Cap:
+    """The object TARGET names: a path on a blackmatch mount by its read cap (its write cap when `writable` and
+    the mount has one: repair of a mutable object needs it), else a grid location."""
+    mounted = mounted_cap(text, CAP_XATTR) if writable else None
+    mounted = mounted or mounted_cap(text, READCAP_XATTR)
     if mounted is not None:
         return mounted
     root, components = location_of(text, node)
@@ -71,12 +81,13 @@ async def target_cap(grid: Grid, node: NodeDirectory, text: str) -> Cap:
     return cap
 
 
-def mounted_readcap(text: str) -> Cap | None:
-    """The read cap of a path on a blackmatch mount; None when `text` is not a path on one."""
+def mounted_cap(text: str, attribute: str) -> Cap | None:
+    """The cap a path on a blackmatch mount shows as `attribute`; None when `text` is not a path on one, or
+    (for the write cap) when the mount holds none."""
     try:
-        value = os.getxattr(text, READCAP_XATTR)
+        value = os.getxattr(text, attribute)
     except OSError as exc:
-        if exc.errno == errno.ENODATA and _on_blackmatch_mount(Path(text)):
+        if exc.errno == errno.ENODATA and attribute == READCAP_XATTR and _on_blackmatch_mount(Path(text)):
             raise LafsError(f"{text} is not on the grid yet: check it once its upload is done") from None
         return None
     return parse_known_cap(value.decode("ascii"))
@@ -142,6 +153,36 @@ def check_json(result: CheckResult) -> dict[str, Any]:
     }
 
 
+def repair_text(outcome: CheckAndRepairResult) -> list[str]:
+    """`tahoe check --repair`'s lines: the check before, then whether the repair worked (and why not)."""
+    lines = check_text(outcome.pre)
+    lines[0] = f"Summary: {'healthy' if outcome.pre.healthy else 'not healthy'}"
+    if outcome.repair is not None and outcome.repair.attempted:
+        if outcome.repair.successful:
+            lines.append(f" repair successful: {_placed(outcome)}")
+        else:
+            lines.append(f" repair failed: {outcome.repair.reason}")
+    return lines
+
+
+def _placed(outcome: CheckAndRepairResult) -> str:
+    assert outcome.repair is not None
+    placed = sum(len(servers) for servers in outcome.repair.placed.values())
+    return f"{placed} shares placed, happiness {outcome.repair.happiness_before} -> {outcome.repair.happiness_after}"
+
+
+def repair_json(outcome: CheckAndRepairResult) -> dict[str, Any]:
+    """Tahoe's check-and-repair JSON (`t=check&repair=true&output=JSON`)."""
+    repair = outcome.repair
+    return {
+        "storage-index": check_json(outcome.pre)["storage-index"],
+        "repair-attempted": repair is not None and repair.attempted,
+        "repair-successful": repair is not None and repair.attempted and repair.successful,
+        "pre-repair-results": check_json(outcome.pre),
+        "post-repair-results": check_json(outcome.post),
+    }
+
+
 def exit_status(result: CheckResult) -> int:
     if result.healthy:
         return EXIT_HEALTHY
@@ -150,7 +191,11 @@ def exit_status(result: CheckResult) -> int:
 
 # --- commands ----------------------------------------------------------------------------------------------------
 async def check_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
-    cap = await target_cap(grid, node, args.target)
+    cap = await target_cap(grid, node, args.target, writable=args.repair)
+    if args.repair:
+        outcome = await check_and_repair(grid, cap, verify=args.verify, add_lease=args.add_lease)
+        print(json.dumps(repair_json(outcome), indent=1) if args.json else "\n".join(repair_text(outcome)))
+        return exit_status(outcome.post)
     result = await check(grid, cap, verify=args.verify, add_lease=args.add_lease)
     print(json.dumps(check_json(result), indent=1) if args.json else "\n".join(check_text(result)))
     return exit_status(result)
@@ -158,58 +203,90 @@ async def check_command(grid: Grid, node: NodeDirectory, args: argparse.Namespac
 
 @dataclass
 class DeepCheckTally:
-    """Tahoe's deep-check counters, plus what blackmatch adds: unrecoverable objects, unlistable directories."""
+    """Tahoe's deep-check counters (before and after repair), plus what blackmatch adds: unrecoverable objects
+    and unlistable directories. Without `--repair` the state after is the state before."""
 
+    repairing: bool
     checked: int = 0
     healthy: int = 0
-    unhealthy: int = 0
     unrecoverable: int = 0
     corrupt_shares: int = 0
     unlisted: int = 0
+    repairs_attempted: int = 0
+    repairs_successful: int = 0
+    healthy_after: int = 0
+    unrecoverable_after: int = 0
 
-    def add(self, result: CheckResult | None) -> None:
-        """Count one object's result (None: it could not be checked, which counts as unrecoverable)."""
+    def add(self, outcome: CheckAndRepairResult | None) -> None:
+        """Count one object (None: it could not be checked, which counts as unrecoverable)."""
         self.checked += 1
-        if result is not None and result.healthy:
-            self.healthy += 1
-            return
-        self.unhealthy += 1
-        if result is None or not result.recoverable:
+        if outcome is None:
             self.unrecoverable += 1
-        if result is not None:
-            self.corrupt_shares += len(result.corrupt_shares)
+            self.unrecoverable_after += 1
+            return
+        self.healthy += outcome.pre.healthy
+        self.unrecoverable += not outcome.pre.recoverable
+        self.corrupt_shares += len(outcome.pre.corrupt_shares)
+        self.healthy_after += outcome.post.healthy
+        self.unrecoverable_after += not outcome.post.recoverable
+        if outcome.repair is not None and outcome.repair.attempted:
+            self.repairs_attempted += 1
+            self.repairs_successful += outcome.repair.successful
 
     @property
     def status(self) -> int:
-        if self.unrecoverable or self.unlisted:
+        if self.unrecoverable_after or self.unlisted:
             return EXIT_UNRECOVERABLE
-        return EXIT_UNHEALTHY if self.unhealthy else EXIT_HEALTHY
+        return EXIT_UNHEALTHY if self.healthy_after < self.checked else EXIT_HEALTHY
 
     def summary(self) -> list[str]:
-        lines = [
-            f"done: {self.checked} objects checked, {self.healthy} healthy, {self.unhealthy} unhealthy",
-            f" {self.unrecoverable} unrecoverable",
-        ]
+        if self.repairing:
+            failed = self.repairs_attempted - self.repairs_successful
+            lines = [
+                f"done: {self.checked} objects checked",
+                f" pre-repair: {self.healthy} healthy, {self.checked - self.healthy} unhealthy",
+                f" {self.repairs_attempted} repairs attempted, {self.repairs_successful} successful, {failed} failed",
+                f" post-repair: {self.healthy_after} healthy, {self.checked - self.healthy_after} unhealthy",
+                f" {self.unrecoverable_after} unrecoverable",
+            ]
+        else:
+            unhealthy = self.checked - self.healthy
+            lines = [
+                f"done: {self.checked} objects checked, {self.healthy} healthy, {unhealthy} unhealthy",
+                f" {self.unrecoverable} unrecoverable",
+            ]
         if self.unlisted:
             lines.append(f" {self.unlisted} directories could not be listed: what is inside them was not checked")
         return lines
 
     def stats(self) -> dict[str, int]:
-        return {
+        stats = {
             "count-objects-checked": self.checked,
             "count-objects-healthy": self.healthy,
-            "count-objects-unhealthy": self.unhealthy,
+            "count-objects-unhealthy": self.checked - self.healthy,
             "count-objects-unrecoverable": self.unrecoverable,
             "count-corrupt-shares": self.corrupt_shares,
             "count-directories-unlisted": self.unlisted,
         }
+        if self.repairing:
+            stats |= {
+                "count-repairs-attempted": self.repairs_attempted,
+                "count-repairs-successful": self.repairs_successful,
+                "count-repairs-unsuccessful": self.repairs_attempted - self.repairs_successful,
+                "count-objects-healthy-post-repair": self.healthy_after,
+                "count-objects-unhealthy-post-repair": self.checked - self.healthy_after,
+                "count-objects-unrecoverable-post-repair": self.unrecoverable_after,
+            }
+        return stats
 
 
 def _shown_path(path: tuple[str, ...]) -> str:
     return "/".join(shown_name(name) for name in path) or "<root>"
 
 
-def _object_line(path: tuple[str, ...], cap: Cap, result: CheckResult | None, error: str | None) -> dict[str, Any]:
+def _object_line(
+    path: tuple[str, ...], cap: Cap, outcome: CheckAndRepairResult | None, error: str | None, repairing: bool
+) -> dict[str, Any]:
     """One line of Tahoe's stream-deep-check, with the read cap as "cap" where Tahoe gives the write cap."""
     verifier = cap.verifier()
     line: dict[str, Any] = {
@@ -219,18 +296,42 @@ def _object_line(path: tuple[str, ...], cap: Cap, result: CheckResult | None, er
         "verifycap": str(verifier) if verifier is not None else "",
         "storage-index": base32.encode(cap.storage_index) if cap.storage_index is not None else "",
     }
-    if result is not None:
-        line["check-results"] = check_json(result)
-    else:
+    if outcome is None:
         line["error"] = error
+    elif repairing:
+        line["check-and-repair-results"] = repair_json(outcome)
+    else:
+        line["check-results"] = check_json(outcome.pre)
     return line
 
 
+def _object_text(path: tuple[str, ...], outcome: CheckAndRepairResult | None, error: str | None) -> list[str]:
+    """An object's lines: its health (before any repair), its corrupt shares, and what a repair did."""
+    if outcome is None:
+        return [f"{_shown_path(path)}: ERROR: {error}"]
+    result = outcome.pre
+    lines = [f"{_shown_path(path)}: {result.summary}"]
+    lines += [f" corrupt: {_corrupt_line(result, share.server_id, share.shnum)}" for share in result.corrupt_shares]
+    if outcome.repair is not None and outcome.repair.attempted:
+        repair = outcome.repair
+        lines.append(
+            f" repair successful: {_placed(outcome)}" if repair.successful else f" repair failed: {repair.reason}"
+        )
+    return lines
+
+
+async def _check_one(grid: Grid, cap: Cap, args: argparse.Namespace) -> CheckAndRepairResult:
+    if args.repair:
+        return await check_and_repair(grid, cap, verify=args.verify, add_lease=args.add_lease)
+    result = await check(grid, cap, verify=args.verify, add_lease=args.add_lease)
+    return CheckAndRepairResult(result, None, result)
+
+
 async def deep_check_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
-    root = await target_cap(grid, node, args.target)
+    root = await target_cap(grid, node, args.target, writable=args.repair)
     if isinstance(sys.stdout, io.TextIOWrapper):  # names print as the bytes a mount shows, UTF-8 or not
         sys.stdout.reconfigure(errors="surrogateescape")
-    tally = DeepCheckTally()
+    tally = DeepCheckTally(repairing=args.repair)
 
     def unlisted(path: tuple[str, ...], exc: LafsError) -> None:
         tally.unlisted += 1
@@ -240,22 +341,17 @@ async def deep_check_command(grid: Grid, node: NodeDirectory, args: argparse.Nam
     async for path, cap in walk(grid, root, unlisted):
         if isinstance(cap, UnknownCap):
             continue  # a kind of object this version does not know: Tahoe's deep-check skips those too
-        result, error = None, None
+        outcome, error = None, None
         try:
-            result = await check(grid, cap, verify=args.verify, add_lease=args.add_lease)
+            outcome = await _check_one(grid, cap, args)
         except NoServerAnsweredError:
             raise
         except LafsError as exc:
             error = str(exc)
-        tally.add(result)
+        tally.add(outcome)
         if args.json:
-            print(json.dumps(_object_line(path, cap, result, error)), flush=True)
-            continue
-        if result is None:
-            print(f"{_shown_path(path)}: ERROR: {error}", flush=True)
-            continue
-        print(f"{_shown_path(path)}: {result.summary}", flush=True)
-        for share in result.corrupt_shares:
-            print(f" corrupt: {_corrupt_line(result, share.server_id, share.shnum)}", flush=True)
+            print(json.dumps(_object_line(path, cap, outcome, error, args.repair)), flush=True)
+        else:
+            print("\n".join(_object_text(path, outcome, error)), flush=True)
     print(json.dumps({"type": "stats", "stats": tally.stats()}) if args.json else "\n".join(tally.summary()))
     return tally.status

@@ -109,9 +109,12 @@ async def advise_corrupt(
 class ImmutableFile:
     """Verified reads of one CHK file over a grid; keeps what it learned (share locations, checked hashes)."""
 
-    def __init__(self, grid: Grid, cap: ChkCap) -> None:
+    def __init__(self, grid: Grid, cap: ChkCap, trusted: Mapping[int, frozenset[str]] | None = None) -> None:
+        """`trusted`, when given, maps share number -> servers: only those copies are read (a repair reads the
+        shares its check verified, not the copies it found corrupt)."""
         self.grid = grid
         self.cap = cap
+        self._trusted = trusted
         self.storage_index = cap.storage_index
         self._reader: ChkReader | None = None
         self._servers = {s.server_id: s for s in grid.servers}
@@ -150,6 +153,8 @@ class ImmutableFile:
                     )
                 for _elapsed, server_id, shnums in sorted(answered):
                     for shnum in sorted(shnums):
+                        if self._trusted is not None and server_id not in self._trusted.get(shnum, ()):
+                            continue
                         reader.add_share(ShareRef(server_id, shnum), shnum)
                 self._reader = reader
             return self._reader

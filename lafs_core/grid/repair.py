@@ -23,12 +23,13 @@ from pathlib import Path
 import trio
 
 from .. import base32
-from ..caps import ChkCap, DirectoryCap, MdmfWriteCap, MutableReadCap, MutableVerifierCap, MutableWriteCap
+from ..caps import Cap, ChkCap, DirectoryCap, MdmfWriteCap, MutableReadCap, MutableVerifierCap, MutableWriteCap
 from ..errors import LafsError, NotEnoughSharesError, sole_exception
 from ..immutable.encode import ChkEncoder
 from ..immutable.params import ChkParameters
 from ..mutable.keys import MDMF, SDMF
 from ..mutable.retrieve import AnyMutableCap, ServerMap, UnrecoverableFileError
+from .checker import CheckResult, check
 from .download import ImmutableFile
 from .grid import Grid
 from .mutable_io import map_servers, publish_version, retrieve, writer_keys
@@ -122,7 +123,7 @@ async def repair_immutable(
     try:
         with tempfile.TemporaryDirectory(prefix="blackmatch-repair-", dir=scratch_dir) as scratch:
             staged = Path(scratch) / "plaintext"
-            source = ImmutableFile(grid, cap)
+            source = ImmutableFile(grid, cap, good_shares)
             params = ChkParameters(cap.needed, cap.total, await source.segment_size(), cap.size)
             async with await trio.open_file(staged, "wb") as out:
                 await source.copy_to(out.write)
@@ -208,3 +209,42 @@ async def repair_mutable(grid: Grid, cap: AnyMutableCap | DirectoryCap, *, force
     shortfall = _shortfall(published.written, version.total, min(grid.encoding.happy, version.total))
     log.info("repaired %s: republished as version %d, happiness %d -> %d", name, published.prefix.seqnum, before, after)
     return RepairResult(True, not shortfall, shares_of(published.written), before, after, shortfall)
+
+
+@dataclass(frozen=True)
+class CheckAndRepairResult:
+    """A check, the repair it called for (None when the object was healthy), and the check after it."""
+
+    pre: CheckResult
+    repair: RepairResult | None
+    post: CheckResult
+
+
+async def check_and_repair(
+    grid: Grid, cap: Cap, *, verify: bool = False, add_lease: bool = False
+) -> CheckAndRepairResult:
+    """Tahoe's check-and-repair of one object: check it, repair it if it is not healthy, and check it again.
+
+    The check after a repair lists shares without verifying them: a corrupt share the first check found is still
+    on its server (the storage protocol cannot delete it) and would be verified, and advised, a second time.
+    """
+    pre = await check(grid, cap, verify=verify, add_lease=add_lease)
+    if pre.healthy:
+        return CheckAndRepairResult(pre, None, pre)
+    repair = await _repair(grid, cap, pre)
+    post = await check(grid, cap) if repair.attempted else pre
+    return CheckAndRepairResult(pre, repair, post)
+
+
+async def _repair(grid: Grid, cap: Cap, pre: CheckResult) -> RepairResult:
+    """Repair one object that `pre` found unhealthy, by its kind; a cap that cannot repair it says why."""
+    inner = cap.file_cap if isinstance(cap, DirectoryCap) else cap
+    if isinstance(inner, ChkCap):
+        return await repair_immutable(grid, inner, pre.good_shares)
+    if isinstance(inner, MutableWriteCap):
+        return await repair_mutable(grid, cap if isinstance(cap, DirectoryCap) else inner)
+    happy = pre.happiness
+    reason = "repair needs a read cap (a verify cap cannot rebuild shares)"
+    if isinstance(inner, MutableReadCap | MutableVerifierCap):
+        reason = "repair of a mutable file or directory needs its write cap"
+    return RepairResult(True, False, happiness_before=happy, happiness_after=happy, reason=reason)
