@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from ..errors import FormatError
 from ..hashes import tagged_hash
 
+LEASE_DURATION = 31 * 24 * 3600
+"""How long a lease runs from its grant or last renewal. Tahoe stores only the expiration time and derives the
+grant time from it by this fixed duration (`LeaseInfo.get_grant_renew_time_time`)."""
+
 # --- immutable -------------------------------------------------------------------------------------------------
 IMMUTABLE_HEADER = struct.Struct(">LLL")
 IMMUTABLE_LEASE = struct.Struct(">L32s32sL")
@@ -127,9 +131,21 @@ def parse_mutable_header(data: bytes) -> MutableContainerHeader:
 
 
 def parse_mutable_leases(slots: bytes) -> list[MutableLease]:
-    """The leases in the four header slots (empty slots, owner 0, are left out)."""
+    """The leases in packed mutable lease records, the four header slots or the extra ones (empty records,
+    owner 0, are left out, as Tahoe leaves them out)."""
     leases = [MutableLease(*fields) for fields in MUTABLE_LEASE.iter_unpack(slots)]
     return [lease for lease in leases if lease.owner]
+
+
+def parse_mutable_extra_leases(block: bytes) -> list[MutableLease]:
+    """The leases beyond the four slots: `block` starts at the extra-lease offset (a `>L` count, then records)."""
+    if len(block) < 4:
+        raise FormatError("mutable container ends before its extra-lease count")
+    (count,) = struct.unpack(">L", block[:4])
+    records = block[4 : 4 + count * MUTABLE_LEASE.size]
+    if len(records) < count * MUTABLE_LEASE.size:
+        raise FormatError("mutable container ends inside its extra leases")
+    return parse_mutable_leases(records)
 
 
 def new_mutable_container(write_enabler_nodeid: bytes, write_enabler: bytes) -> bytes:

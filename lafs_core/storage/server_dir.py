@@ -1,11 +1,13 @@
 """A storage server's directory: its TLS identity, swissnum, listen address, shares, and how clients find it.
 
     DIR/                  (0700)
-    DIR/server.cfg        [storage] listen = HOST:PORT, hostname = name in the NURL, nickname
+    DIR/server.cfg        [storage] listen = HOST:PORT, hostname = name in the NURL, nickname, and Tahoe's
+                          lease-expiry settings (expire.enabled, expire.mode, ...; see expiry.py)
     DIR/private/node.pem  the TLS certificate and RSA-2048 key, as Tahoe's tub certificate (0600)
     DIR/private/swissnum  the secret that authorizes requests (0600)
     DIR/storage/          the ShareStore root: shares/, corruption-advisories/, journal/
     DIR/servers.yaml      this server's entry in Tahoe's `private/servers.yaml` format, for clients
+    DIR/lease-checker.json  the lease checker's place in its pass over the shares, and its last pass's counts
 
 The certificate is the server's identity: its SPKI hash goes in the NURL, its SHA-1 is the TubID that lease and
 write-enabler secrets are derived from, and SHA-256 of its SPKI names the server (`v0-<base32>`), the way Tahoe
@@ -21,7 +23,7 @@ import hashlib
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,9 +35,11 @@ from cryptography.x509.oid import NameOID
 from .. import base32
 from ..errors import LafsError
 from ..nurl import format_furl, format_nurl, spki_hash, subject_public_key_info, tubid
+from .expiry import ExpirySettingError, ExpirySettings, expiry_settings
 
 CONFIG_NAME = "server.cfg"
 SERVERS_YAML = "servers.yaml"
+LEASE_CHECKER_STATE = "lease-checker.json"
 SWISSNUM_BYTES = 20  # 32 base32 characters, as Foolscap swissnums
 CERTIFICATE_DAYS = 20 * 365
 
@@ -56,10 +60,15 @@ class ServerDir:
     cert_pem: bytes
     key_pem: bytes
     swissnum: str
+    expiry: ExpirySettings = field(default_factory=ExpirySettings)
 
     @property
     def store_root(self) -> Path:
         return self.path / "storage"
+
+    @property
+    def lease_checker_state(self) -> Path:
+        return self.path / LEASE_CHECKER_STATE
 
     @property
     def cert_der(self) -> bytes:
@@ -186,11 +195,14 @@ def load_server_dir(path: Path) -> ServerDir:
         pem = (path / "private" / "node.pem").read_bytes()
         swissnum = (path / "private" / "swissnum").read_text(encoding="ascii").strip()
         hostname, nickname = section["hostname"], section.get("nickname", path.name)
+        expiry = expiry_settings(section)
     except (OSError, KeyError, UnicodeDecodeError, configparser.Error) as exc:
         raise ServerDirError(f"cannot read storage server directory {path}: {exc}") from None
+    except ExpirySettingError as exc:
+        raise ServerDirError(f"{path / CONFIG_NAME}: {exc}") from None
     cert_pem = _pem_block(pem, b"CERTIFICATE")
     key_pem = _pem_block(pem, b"PRIVATE KEY")
-    server = ServerDir(path, host, port, hostname, nickname, cert_pem, key_pem, swissnum)
+    server = ServerDir(path, host, port, hostname, nickname, cert_pem, key_pem, swissnum, expiry)
     try:
         server.nurl  # noqa: B018 - validates certificate, hostname, port and swissnum together
     except ValueError as exc:
