@@ -2,7 +2,8 @@
 
 `create` makes the server directory and prints its NURL; DIR/servers.yaml is the entry clients add to their
 `private/servers.yaml` (or pass to `create-node --servers`). `run` serves GBS until SIGTERM or SIGINT, then
-exits 0; uploads that were in progress are discarded and the next start wipes their leftovers.
+exits 0; uploads that were in progress are discarded and the next start wipes their leftovers. Alongside, the
+lease checker passes over the shares and, with `[storage] expire.enabled`, deletes expired ones.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import trio
 
 from lafs_core.storage.gbs_server import GbsServer
+from lafs_core.storage.lease_checker import LeaseChecker
 from lafs_core.storage.server_dir import ServerDir, ServerDirError, create_server_dir, load_server_dir, parse_listen
 from lafs_core.storage.share_store import ShareStore
 
@@ -75,12 +77,15 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 async def _serve_until_signalled(server: ServerDir) -> None:
     store = ShareStore(server.store_root, nodeid=server.tubid)
     gbs = GbsServer(store, server.swissnum.encode("ascii"))
+    checker = LeaseChecker(gbs.call_store, store.shares_dir, server.lease_checker_state, server.expiry)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             address = (server.listen_host, server.listen_port)
             port = await nursery.start(gbs.serve, server.cert_pem, server.key_pem, *address)
             host = f"[{server.listen_host}]" if ":" in server.listen_host else server.listen_host
             log.info("listening on https://%s:%d (server %s)", host, port, server.server_id)
+            log.info("lease checker: %s", server.expiry.describe())
+            nursery.start_soon(checker.run)
             async for signum in signals:
                 log.info("stopping on %s", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

@@ -430,6 +430,11 @@ class GbsServer:
         self._authorization = authorization_value(swissnum)
         self._large_requests = trio.Semaphore(1)  # big read-test-write bodies are held in memory: one at a time
 
+    async def call_store(self, fn: Callable[[ShareStore], T]) -> T:
+        """Run `fn` on the store in its turn with the requests' store calls (the store is not thread-safe), on
+        the trio thread: for brief work of the server's own, such as the lease checker's look at one bucket."""
+        return await self._store(fn)
+
     async def serve(
         self,
         cert_pem: bytes,

@@ -70,7 +70,8 @@ def _decode(blob: bytes, root: Path) -> list[FileChange] | None:
     return list(changes.values())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make the names in a directory (created, renamed or removed entries) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -94,7 +95,7 @@ def _apply(changes: list[FileChange]) -> None:
         finally:
             os.close(fd)
     for parent in {change.path.parent for change in changes if change.path.parent.exists()}:
-        _fsync_dir(parent)
+        fsync_directory(parent)
 
 
 class Journal:
@@ -118,10 +119,10 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         tmp.rename(path)
-        _fsync_dir(self.directory)
+        fsync_directory(self.directory)
         _apply(changes)
         path.unlink()
-        _fsync_dir(self.directory)
+        fsync_directory(self.directory)
 
     def recover(self) -> int:
         """Finish the changes of every complete journal left by a killed process; drop torn ones."""
@@ -132,5 +133,5 @@ class Journal:
                 _apply(changes)
                 applied += 1
             path.unlink()
-        _fsync_dir(self.directory)
+        fsync_directory(self.directory)
         return applied

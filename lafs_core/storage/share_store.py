@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import base32
-from ..errors import LafsError
+from ..errors import FormatError, LafsError
 from ..mutable.slot import TestAndWrite, all_tests_hold, apply_writes
 from .containers import (
     EMPTY_MUTABLE_LEASE,
     IMMUTABLE_DATA_OFFSET,
     IMMUTABLE_LEASE,
+    LEASE_DURATION,
     MAX_MUTABLE_SHARE_SIZE,
     MUTABLE_DATA_OFFSET,
     MUTABLE_HEADER,
@@ -43,11 +44,12 @@ from .containers import (
     immutable_header,
     is_mutable_container,
     parse_immutable_container,
+    parse_mutable_extra_leases,
     parse_mutable_header,
+    parse_mutable_leases,
 )
-from .journal import FileChange, Journal
+from .journal import FileChange, Journal, fsync_directory
 
-LEASE_DURATION = 31 * 24 * 3600
 IDLE_UPLOAD_TIMEOUT = 30 * 60
 
 
@@ -120,6 +122,16 @@ class _Upload:
     lease: ImmutableLease
     written: list[tuple[int, int]] = field(default_factory=list)
     touched: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class StoredShare:
+    """A finished share as the lease checker sees it."""
+
+    shnum: int
+    mutable: bool
+    size: int  # bytes of its file: what deleting it gives back
+    lease_expirations: tuple[int, ...] | None  # None: the container does not parse (kept, reported as corrupt)
 
 
 @dataclass(frozen=True)
@@ -267,11 +279,7 @@ class ShareStore:
             os.fsync(f.fileno())
         upload.final_path.parent.mkdir(parents=True, exist_ok=True)
         os.rename(upload.path, upload.final_path)
-        fd = os.open(upload.final_path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(upload.final_path.parent)
         del self._uploads[(storage_index, shnum)]
         self._remove_empty_incoming(upload.path.parent)
 
@@ -503,6 +511,52 @@ class ShareStore:
             else:
                 self._add_mutable_lease(path, renew_secret, cancel_secret)
         return bool(shares)
+
+    def stored_shares(self, storage_index: bytes) -> list[StoredShare]:
+        """The finished shares of one storage index with their leases, in share-number order."""
+        return [self._stored_share(shnum, path) for shnum, path in sorted(self._shnums(storage_index).items())]
+
+    @staticmethod
+    def _stored_share(shnum: int, path: Path) -> StoredShare:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(MUTABLE_DATA_OFFSET)
+            mutable = is_mutable_container(head)
+            try:
+                if mutable:
+                    header = parse_mutable_header(head)
+                    f.seek(header.extra_lease_offset)
+                    extra = parse_mutable_extra_leases(f.read())
+                    slots = parse_mutable_leases(head[MUTABLE_HEADER.size : MUTABLE_DATA_OFFSET])
+                    expirations = tuple(lease.expiration for lease in slots + extra)
+                else:
+                    info = parse_immutable_container(head, size)
+                    f.seek(IMMUTABLE_DATA_OFFSET + info.data_length)
+                    leases = parse_immutable_container(head, size, f.read()).leases
+                    expirations = tuple(lease.expiration for lease in leases)
+            except FormatError:
+                return StoredShare(shnum, mutable, size, None)
+        return StoredShare(shnum, mutable, size, expirations)
+
+    def delete_share(self, storage_index: bytes, shnum: int) -> None:
+        """Delete a finished share, then its bucket directory if that is left empty (expired leases).
+
+        Unlinking is atomic: a kill leaves the share whole or gone, never a part of it, and at worst an empty
+        bucket directory, which `remove_bucket_if_empty` takes away later."""
+        path = self._share_path(storage_index, shnum)
+        path.unlink()
+        fsync_directory(path.parent)
+        self.remove_bucket_if_empty(storage_index)
+
+    def remove_bucket_if_empty(self, storage_index: bytes) -> bool:
+        """Remove the bucket directory of a storage index that has no files left; False if it has some."""
+        bucket = self._bucket(storage_index)
+        try:
+            bucket.rmdir()
+        except OSError:
+            return False
+        fsync_directory(bucket.parent)
+        return True
 
     def advise_corrupt(self, storage_index: bytes, shnum: int, reason: str, *, mutable: bool) -> None:
         """Record a client's report that a share failed verification (Tahoe keeps these for operators)."""
