@@ -11,6 +11,7 @@ server had been stopped for that long.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import struct
@@ -40,7 +41,7 @@ from lafs_core.storage.containers import (
     parse_immutable_container,
     parse_mutable_header,
 )
-from lafs_core.storage.expiry import ExpirySettings
+from lafs_core.storage.expiry import ExpirySettings, parse_cutoff_date
 from lafs_core.storage.gbs_server import GbsServer
 from lafs_core.storage.lease_checker import CheckerState, LeaseChecker, Pacing, load_state
 from lafs_core.storage.share_store import ShareStore
@@ -165,6 +166,21 @@ def test_a_kind_left_out_of_expiry_is_kept(aged_store: ShareStore, tmp_path: Pat
     run_pass(aged_store, tmp_path / "state.json", ExpirySettings(enabled=True, mode="age", mutable=False))
     assert not bucket(aged_store, storage_index(1)).exists()
     assert aged_store.mutable_shares(storage_index(2)) == {0}
+
+
+def test_cutoff_date_mode_expires_leases_not_renewed_since_the_day(tmp_path: Path) -> None:
+    store = ShareStore(tmp_path / "storage")
+    put_immutable(store, storage_index(1), {0})
+    put_mutable(store, storage_index(2))
+    today = datetime.datetime.now(datetime.UTC).date()
+    # Midnight starting yesterday: leases granted just now were renewed since, and are kept.
+    yesterday = ExpirySettings(True, "cutoff-date", cutoff_date=parse_cutoff_date(str(today - datetime.timedelta(1))))
+    run_pass(store, tmp_path / "state.json", yesterday)
+    assert len(share_paths(store)) == 2
+    tomorrow = ExpirySettings(True, "cutoff-date", cutoff_date=parse_cutoff_date(str(today + datetime.timedelta(1))))
+    checker = run_pass(store, tmp_path / "state.json", tomorrow)
+    assert share_paths(store) == []
+    assert checker.state.last_pass is not None and checker.state.last_pass["deleted"] == 2
 
 
 def test_one_live_lease_among_expired_ones_keeps_a_share(tmp_path: Path) -> None:

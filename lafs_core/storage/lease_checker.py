@@ -13,7 +13,7 @@ checker still passes over the shares and reports what it would delete, as Tahoe'
 Its state (`DIR/lease-checker.json`) holds the last bucket done in the current pass, the counts of the pass
 so far and those of the last finished pass; it is replaced atomically after every slice, so a killed server
 resumes its pass where the last slice ended (looking at a bucket twice is harmless). The last pass's counts are
-what `status` reports.
+there for a `status` command to report.
 """
 
 from __future__ import annotations
