@@ -40,7 +40,7 @@ from .download import Fetch, advise_corrupt, drive_async, share_fetcher
 from .grid import Grid, gather_per_server, no_server_answered
 from .mutable_io import map_servers
 from .selection import by_server, happiness
-from .server_api import ShareNotFoundError, StorageServer
+from .server_api import ShareNotFoundError, StorageServer, StorageServerError
 
 log = logging.getLogger("blackmatch.checker")
 
@@ -113,19 +113,21 @@ async def check(grid: Grid, cap: Cap, *, verify: bool = False, add_lease: bool =
     raise LafsError(f"{cap.abbreviated()} cannot be checked: blackmatch does not know this kind of cap")
 
 
-async def renew_leases(grid: Grid, storage_index: bytes) -> None:
+async def renew_leases(grid: Grid, storage_index: bytes) -> dict[str, StorageServerError]:
     """Renew this client's lease (or add one) on every share of `storage_index` on every server, with the
-    node's lease secrets. A server holding no share says so and is left alone; failures are logged only, as a
-    check's verdict does not depend on them."""
+    node's lease secrets. A server holding no share says so and is left alone. Failures are logged, as a check's
+    verdict does not depend on them, and returned by server id for callers that report them (background renewal).
+    """
 
     async def renew(server: StorageServer) -> None:
         with contextlib.suppress(ShareNotFoundError):  # it holds none
             await server.add_or_renew_lease(storage_index, grid.lease(storage_index, server))
 
     results = await gather_per_server(grid.servers, renew, timeout=SERVER_TIMEOUT)
-    for server_id, result in results.items():
-        if isinstance(result, Exception):
-            log.info("lease renewal of %s on %s failed: %s", base32.encode(storage_index)[:8], server_id, result)
+    failures = {server_id: result for server_id, result in results.items() if isinstance(result, StorageServerError)}
+    for server_id, failure in failures.items():
+        log.info("lease renewal of %s on %s failed: %s", base32.encode(storage_index)[:8], server_id, failure)
+    return failures
 
 
 # --- CHK -------------------------------------------------------------------------------------------------------
