@@ -1,6 +1,7 @@
 """A node directory, compatible with a Tahoe client's: `tahoe.cfg`, secrets, aliases and storage servers.
 
-    tahoe.cfg                                  [client] shares.needed / shares.happy / shares.total
+    tahoe.cfg                                  [client] shares.needed / shares.happy / shares.total,
+                                               [blackmatch] lease.renewal_interval / lease.renewal_rate
     private/convergence, private/secret        the convergence and lease secrets, base32
     private/aliases                            `name: URI:DIR2:...` per line
     private/servers.yaml                       static servers: Tahoe's format, plus `local: PATH` entries
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 import configparser
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,11 +26,14 @@ from typing import Any
 import yaml
 
 from .. import base32
+from ..durations import DAY, parse_duration
 from ..errors import LafsError
 
 DEFAULT_NEEDED = 3
 DEFAULT_HAPPY = 7
 DEFAULT_TOTAL = 10
+DEFAULT_RENEWAL_INTERVAL = 7 * DAY  # Tahoe advises renewing weekly: leases last 31 days
+DEFAULT_RENEWAL_RATE = 1.0  # objects a second: a tree of 100,000 objects takes a day, a small part of a week
 
 
 class NodeDirectoryError(LafsError):
@@ -44,6 +49,14 @@ class EncodingConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.needed <= self.total <= 256 or not 1 <= self.happy <= self.total:
             raise NodeDirectoryError(f"impossible encoding: needed={self.needed} happy={self.happy} total={self.total}")
+
+
+@dataclass(frozen=True)
+class LeaseRenewalConfig:
+    """How the grid server renews the leases of what its mounted roots reach."""
+
+    interval: int | None = DEFAULT_RENEWAL_INTERVAL  # seconds from the end of one cycle to the next; None: off
+    rate: float = DEFAULT_RENEWAL_RATE  # objects renewed a second at most, so a big tree is a trickle
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,32 @@ class NodeDirectory:
         if value not in ("sdmf", "mdmf"):
             raise NodeDirectoryError(f"tahoe.cfg: [client] mutable.format = {value!r}: use sdmf or mdmf")
         return value
+
+    def lease_renewal(self) -> LeaseRenewalConfig:
+        """`[blackmatch] lease.renewal_interval` (a Tahoe duration, "0" or "off" for none; default 7 days) and
+        `lease.renewal_rate` (objects a second, default 1)."""
+        config = self.config()
+        interval_text = config.get("blackmatch", "lease.renewal_interval", fallback="").strip()
+        interval: int | None = DEFAULT_RENEWAL_INTERVAL
+        if interval_text.lower() in ("0", "off"):
+            interval = None
+        elif interval_text:
+            try:
+                interval = parse_duration(interval_text) or None
+            except ValueError as exc:
+                raise NodeDirectoryError(f"tahoe.cfg: [blackmatch] lease.renewal_interval: {exc}, or off") from None
+        rate_text = config.get("blackmatch", "lease.renewal_rate", fallback="").strip()
+        rate = DEFAULT_RENEWAL_RATE
+        if rate_text:
+            try:
+                rate = float(rate_text)
+            except ValueError:
+                rate = math.nan
+            if not 0 < rate < math.inf:
+                raise NodeDirectoryError(
+                    f"tahoe.cfg: [blackmatch] lease.renewal_rate = {rate_text!r}: use objects a second, above 0"
+                )
+        return LeaseRenewalConfig(interval, rate)
 
     # --- secrets ---------------------------------------------------------------------------------------------
     def _secret(self, name: str) -> bytes:
