@@ -1,16 +1,22 @@
 """`blackmatch status`: what runs for a node directory, its grid server and its mounts.
 
-It asks the grid server over the RPC socket (how many mounts and roots it serves, how many changes wait to go up)
-and lists the node's mounts from their pid files. It never touches a mounted filesystem, so a hung mount cannot
-hang it.
+It asks the grid server over the RPC socket (how many mounts and roots it serves, how many changes wait to go up,
+where each root's lease renewal stands) and lists the node's mounts from their pid files. It never touches a
+mounted filesystem, so a hung mount cannot hang it.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
+from typing import Any
 
+from grid_server.node_state import root_key
 from grid_server.server_files import ServerFiles
+from lafs_core.caps import DirectoryCap, parse_cap
+from lafs_core.errors import LafsError
+from lafs_core.grid.nodedir import NodeDirectory
 
 from .grid_server_process import server_status
 from .mount_commands import ServingProcess, mounts_directory
@@ -36,6 +42,10 @@ def status_command(args: argparse.Namespace) -> int:
             f"{_count(report['roots'], 'root')}, {_count(report['queued'], 'change')} waiting to upload "
             f"(log {files.log})"
         )
+        names = _root_names(node)
+        for renewal in report.get("lease_renewal", []):
+            root = renewal["root"]
+            print(f"Lease renewal ({names.get(root, f'root {root[:8]}')}): {renewal_summary(renewal)}")
     mounts = _live_mounts(mounts_directory(node))
     print("Mounts:" if mounts else "Mounts: none")
     for mountpoint, pid in mounts:
@@ -43,8 +53,8 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(number: int, thing: str) -> str:
-    return f"{number} {thing}{'' if number == 1 else 's'}"
+def _count(number: int, thing: str, things: str | None = None) -> str:
+    return f"{number} {thing if number == 1 else things or thing + 's'}"
 
 
 def _live_mounts(directory: Path) -> list[tuple[str, int]]:
@@ -56,3 +66,51 @@ def _live_mounts(directory: Path) -> list[tuple[str, int]]:
             found.append((process.mountpoint or "?", process.pid))
             process.close()
     return found
+
+
+def renewal_summary(state: dict[str, Any]) -> str:
+    """One root's lease renewal (GridFilesystem.queue_state's "lease_renewal") in one line: the last finished
+    cycle and what it found, the one under way, when the next is due, and the last error."""
+    if not state["enabled"]:
+        return "off (tahoe.cfg [blackmatch] lease.renewal_interval)"
+    parts = []
+    last = state["last_result"]
+    if last is None:
+        parts.append("never finished")
+    else:
+        found = f"last finished {_when(state['last_finished_at'])}: {_count(last['renewed'], 'object')} renewed"
+        if last["errors"]:
+            found += f", {last['errors']} with errors (failed: {', '.join(last['failed_servers'])})"
+        if last["unlisted"]:
+            shown = ", ".join(last["unlisted"][:3]) + (", ..." if len(last["unlisted"]) > 3 else "")
+            found += f", {_count(len(last['unlisted']), 'directory', 'directories')} not listed ({shown})"
+        parts.append(found)
+    progress = state["progress"]
+    if progress is not None:
+        doing = "running" if state["running"] else "cycle half done"
+        parts.append(f"{doing}: {_count(progress['objects'], 'object')} done")
+    if state["next_due_at"] is not None:
+        parts.append(f"next due {_when(state['next_due_at'])}")
+    error = state["error"]
+    if error is not None:
+        retry = error["next_try_in"]
+        next_try = f"next try in {retry:.0f} s" if isinstance(retry, int | float) else f"next try {retry}"
+        parts.append(f"failing ({error['attempts']} tries, {next_try}): {error['error']}")
+    return "; ".join(parts)
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(seconds))
+
+
+def _root_names(node: NodeDirectory) -> dict[str, str]:
+    """Root keys (as `status` reports roots) of the node's aliases, by the alias that names each."""
+    names: dict[str, str] = {}
+    for alias, cap_text in node.aliases().items():
+        try:
+            cap = parse_cap(cap_text, allow_prefixes=True)
+        except LafsError:
+            continue
+        if isinstance(cap, DirectoryCap):
+            names.setdefault(root_key(cap), f"{alias}:")
+    return names

@@ -46,7 +46,7 @@ from lafs_core.grid.directory import (
 from lafs_core.grid.download import ImmutableFile
 from lafs_core.grid.grid import Grid, gather_per_server
 from lafs_core.grid.mutable_io import create_mutable, retrieve
-from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.nodedir import LeaseRenewalConfig, NodeDirectory
 from lafs_core.grid.server_api import StorageServer
 from lafs_core.immutable.params import LIT_THRESHOLD
 
@@ -54,6 +54,7 @@ from .directory_views import DirectoryViews
 from .inode_table import HandleTable, InodeTable
 from .journal import WriteJournal
 from .journal_records import Change, Link, Record, Removal, Together
+from .lease_renewal import LeaseRenewal
 from .local_files import LocalFile, LocalFiles
 from .metadata import (
     DEVICE_TYPES,
@@ -127,6 +128,7 @@ class GridFilesystem:
         nursery: trio.Nursery,
         read_cache: ReadCache,
         first_number: int,
+        lease_renewal: LeaseRenewalConfig,
     ) -> None:
         self.grid = grid
         self.options = options
@@ -150,6 +152,7 @@ class GridFilesystem:
         self.directories = DirectoryViews(grid, options.directory_views, options.cache_timeout, self._in_use)
         root_dir = self.directories.view(root)
         self.state_dir = state_dir
+        self.lease_renewal = LeaseRenewal(grid, root, state_dir, lease_renewal)
         saved = load_root_metadata(state_dir)
         self.root = Inode(ROOT_INODE, DIRECTORY, root, saved or {}, directory=root_dir, lookups=1)
         root_dir.inode = self.root
@@ -174,6 +177,7 @@ class GridFilesystem:
         self.nursery.start_soon(self._fsync_closed_files)
         self.nursery.start_soon(self.publisher.run)
         self.nursery.start_soon(self.uploader.run)
+        self.nursery.start_soon(self.lease_renewal.run)
 
     async def drain(self, give_up_after: float = DRAIN_GIVE_UP) -> bool:
         """Wait until every change is on the grid; False once nothing has moved for `give_up_after` seconds (the
@@ -208,7 +212,8 @@ class GridFilesystem:
 
     async def queue_state(self) -> dict[str, Any]:
         """What the write-back queue holds: changes pending, and uploads and publishes waiting, in flight, or
-        failing (why, how often, and in how many seconds they are tried again)."""
+        failing (why, how often, and in how many seconds they are tried again); and where the background lease
+        renewal stands."""
         now = trio.current_time()
         ready = [key for key in self.write_back.directories() if self.write_back.ready(key)]
         upload_failures, publish_failures = self.uploader.retries.failures, self.publisher.retries.failures
@@ -230,6 +235,7 @@ class GridFilesystem:
                     for key in publish_failures.failing()
                 ],
             },
+            "lease_renewal": self.lease_renewal.state(),
         }
 
     def _local_file_name(self, file_id: str) -> str:
@@ -1491,7 +1497,7 @@ async def open_root(state: NodeState, root_cap: str, options: FilesystemOptions)
         async with trio.open_nursery() as nursery:
             directory = state.root_directory(root)
             filesystem = GridFilesystem(
-                state.grid, root, options, directory, nursery, state.read_cache, state.first_number
+                state.grid, root, options, directory, nursery, state.read_cache, state.first_number, state.lease_renewal
             )
             try:
                 await filesystem.start()

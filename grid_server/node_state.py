@@ -22,7 +22,7 @@ import trio
 from lafs_core.caps import DirectoryCap
 from lafs_core.errors import LafsError
 from lafs_core.grid.grid import Grid
-from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.nodedir import LeaseRenewalConfig, NodeDirectory
 from lafs_core.grid.servers import open_grid
 
 from .read_cache import CacheInUseError, ReadCache
@@ -42,6 +42,7 @@ class NodeState:
     # kernel still holds from the one before: an old inode is unknown (ESTALE, and the kernel looks its path up
     # again), an old handle is refused, and neither can reach another file.
     run: int
+    lease_renewal: LeaseRenewalConfig  # how each root's leases are renewed in the background (tahoe.cfg)
 
     @property
     def first_number(self) -> int:
@@ -50,13 +51,18 @@ class NodeState:
     def root_directory(self, root: DirectoryCap) -> Path:
         """`roots/KEY` for one root (0700). A journal and local files left at the top level by a version before
         roots had their own directory move into the first root opened: their records name their directories."""
-        key = hashlib.sha256(b"blackmatch root v1:" + root.to_string().encode()).hexdigest()[:24]
-        path = self.directory / "roots" / key
+        path = self.directory / "roots" / root_key(root)
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         for legacy in ("journal", "files"):  # each moved whenever it is still there: a crash midway loses none
             if (self.directory / legacy).exists() and not (path / legacy).exists():
                 os.rename(self.directory / legacy, path / legacy)
         return path
+
+
+def root_key(root: DirectoryCap) -> str:
+    """The name of a root's state directory: a hash of its cap, so the cap names no file; what `status` calls
+    a root that no alias names."""
+    return hashlib.sha256(b"blackmatch root v1:" + root.to_string().encode()).hexdigest()[:24]
 
 
 def next_run(directory: Path) -> int:
@@ -76,6 +82,7 @@ def next_run(directory: Path) -> int:
 
 @asynccontextmanager
 async def open_node_state(node: NodeDirectory, cache_size: int) -> AsyncIterator[NodeState]:
+    lease_renewal = node.lease_renewal()  # a bad setting fails the start, not a root's renewal later
     grid = open_grid(node)
     if not grid.servers:
         raise LafsError(f"{node.path} configures no storage servers blackmatch can use")
@@ -91,7 +98,7 @@ async def open_node_state(node: NodeDirectory, cache_size: int) -> AsyncIterator
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(grid.keys.keep_filled, SPARE_KEYS)
-                yield NodeState(grid, cache, directory, next_run(directory))
+                yield NodeState(grid, cache, directory, next_run(directory), lease_renewal)
                 nursery.cancel_scope.cancel()
         finally:
             await cache.aclose()

@@ -13,7 +13,8 @@ Besides the filesystem operations (grid_server/operations.py), two methods belon
 
     attach(root_cap, settings) -> settings in effect   makes the connection a mount of that root: the server stays
                                                         while any attached connection lives (the keepalive)
-    status() -> {...}                                   what the server holds: mounts, roots, queued changes
+    status() -> {...}                                   what the server holds: mounts, roots, queued changes,
+                                                        each root's lease renewal
 """
 
 from __future__ import annotations

@@ -367,6 +367,10 @@ class Connection:
             "mounts": self.server.mounts,
             "roots": len(self.server.roots),
             "queued": sum(root.filesystem.outstanding() for root in self.server.roots.values()),
+            "lease_renewal": [
+                {"root": root.filesystem.state_dir.name, **root.filesystem.lease_renewal.state()}
+                for root in self.server.roots.values()
+            ],
         }
 
     async def detach(self) -> None:

@@ -1,0 +1,312 @@
+"""Background lease renewal against real storage-server processes: a cycle renews every share of every object a
+root reaches (the lease blackmatch added at upload, not a new one), resumes after a restart from where it was,
+records a failing server and goes on, and backs off while no server answers."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from fuse_client.grid_commands import create_node
+from fuse_client.status_command import renewal_summary
+from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
+from grid_server.lease_renewal import STATE_FILE
+from grid_server.lease_schedule import Done, Idle, Running, Schedule, from_json, to_json
+from grid_server.node_state import root_key
+from lafs_core import base32
+from lafs_core.caps import Cap, DirectoryCap, parse_cap
+from lafs_core.grid.directory import create_directory, linker, modify_directory
+from lafs_core.grid.mutable_io import create_mutable
+from lafs_core.grid.nodedir import NodeDirectory
+from lafs_core.grid.servers import open_grid
+from lafs_core.grid.upload import bytes_chunks, upload_immutable
+from lafs_core.storage.containers import (
+    IMMUTABLE_DATA_OFFSET,
+    MUTABLE_DATA_OFFSET,
+    MUTABLE_HEADER,
+    MUTABLE_LEASE,
+    is_mutable_container,
+    parse_immutable_container,
+    parse_mutable_header,
+    parse_mutable_leases,
+)
+
+from .mounting import MODE, Mount, blackmatch, requires_fuse
+from .storage_cluster import StorageCluster
+
+OPTIONS = FilesystemOptions(cache_size=16 << 20)
+WAIT = 120.0  # seconds a test waits for a cycle before it fails (never what makes it pass)
+
+Tree = dict[tuple[str, ...], Cap]
+
+
+def lease_expirations(share: Path) -> list[int]:
+    """The expiration time of every lease on one share file, read from its container (Tahoe's layout)."""
+    raw = share.read_bytes()
+    if is_mutable_container(raw[:32]):
+        header = parse_mutable_header(raw)
+        leases = parse_mutable_leases(raw[MUTABLE_HEADER.size : MUTABLE_DATA_OFFSET])
+        at = header.extra_lease_offset
+        (extra,) = struct.unpack(">L", raw[at : at + 4])
+        extras = [fields[1] for fields in MUTABLE_LEASE.iter_unpack(raw[at + 4 : at + 4 + extra * MUTABLE_LEASE.size])]
+        return [lease.expiration for lease in leases] + extras
+    header = raw[:IMMUTABLE_DATA_OFFSET]
+    leases_at = IMMUTABLE_DATA_OFFSET + parse_immutable_container(header, len(raw)).data_length
+    return [lease.expiration for lease in parse_immutable_container(header, len(raw), raw[leases_at:]).leases]
+
+
+def leases_of(cluster: StorageCluster, cap: Cap) -> dict[Path, list[int]]:
+    """Every share file of `cap` on every server of the cluster, with its leases' expirations."""
+    assert cap.storage_index is not None
+    name = base32.encode(cap.storage_index)
+    found = {
+        path: lease_expirations(path)
+        for index in range(len(cluster.servers))
+        for path in cluster.share_files(index)
+        if path.parent.name == name
+    }
+    assert found, f"no shares of {cap.abbreviated()}"
+    return found
+
+
+def leases_in(cluster: StorageCluster, tree: Tree) -> dict[tuple[str, ...], dict[Path, list[int]]]:
+    return {path: leases_of(cluster, cap) for path, cap in tree.items() if cap.storage_index is not None}
+
+
+@pytest.fixture
+def node(cluster: StorageCluster, tmp_path: Path) -> NodeDirectory:
+    """A node of the cluster renewing once a day, at a pace a test need not wait for, with its root's first cycle
+    due now (as it is on a root whose last cycle finished a day ago)."""
+    node = create_node(tmp_path / "node", needed=3, happy=5, total=10, server_files=cluster.servers_files)
+    configure(node, rate=50)
+    save_schedule(node, to_json(Idle(0.0)))
+    return node
+
+
+def configure(node: NodeDirectory, rate: int) -> None:
+    cfg = node.path / "tahoe.cfg"
+    text = cfg.read_text().split("\n[blackmatch]\n")[0]
+    cfg.write_text(f"{text}\n[blackmatch]\nlease.renewal_interval = 1 day\nlease.renewal_rate = {rate}\n")
+
+
+def state_file(node: NodeDirectory) -> Path:
+    root = parse_cap(node.aliases()["tahoe"])
+    assert isinstance(root, DirectoryCap)
+    directory = node.state_dir / "roots" / root_key(root)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / STATE_FILE
+
+
+def save_schedule(node: NodeDirectory, saved: dict) -> None:
+    state_file(node).write_text(json.dumps(saved))
+
+
+def saved_schedule(node: NodeDirectory) -> Schedule | None:
+    return from_json(json.loads(state_file(node).read_text()))
+
+
+def build_tree(node: NodeDirectory) -> Tree:
+    """Under the root: CHK and literal files, an SDMF and an MDMF directory, a mutable file, nested."""
+
+    async def build() -> Tree:
+        grid = open_grid(node)
+        try:
+            root = parse_cap(node.aliases()["tahoe"])
+            assert isinstance(root, DirectoryCap)
+            sdmf = await create_directory(grid)
+            mdmf = await create_directory(grid, file_format="mdmf")
+            tree: Tree = {
+                (): root,
+                ("a-big",): await upload_immutable(grid, 200_000, bytes_chunks(b"x" * 200_000)),
+                ("b-small",): await upload_immutable(grid, 5, bytes_chunks(b"small")),
+                ("c-dir",): sdmf,
+                ("c-dir", "inner"): await upload_immutable(grid, 70_000, bytes_chunks(b"y" * 70_000)),
+                ("c-dir", "mdmf"): mdmf,
+                ("c-dir", "mdmf", "mutable"): await create_mutable(grid, b"mutable content", "mdmf"),
+                ("d-file",): await upload_immutable(grid, 90_000, bytes_chunks(b"z" * 90_000)),
+            }
+            for path, cap in tree.items():
+                if path:
+                    parent = tree[path[:-1]]
+                    assert isinstance(parent, DirectoryCap)
+                    await modify_directory(grid, parent, linker(path[-1], cap, replace_files=False))
+            return tree
+        finally:
+            await grid.aclose()
+
+    return trio.run(build)
+
+
+def with_filesystem(node: NodeDirectory, body: Callable[[GridFilesystem], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with open_filesystem(node, node.aliases()["tahoe"], OPTIONS) as fs:
+            await body(fs)
+
+    trio.run(main)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    with trio.move_on_after(WAIT):
+        while not condition():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"no {what} within {WAIT} s")
+
+
+async def cycle_done(fs: GridFilesystem) -> None:
+    await until(lambda: isinstance(fs.lease_renewal.schedule, Done), "finished renewal cycle")
+
+
+def later_for_every_share(before: dict, after: dict) -> bool:
+    return all(
+        len(after[path][share]) == len(expirations)  # renewed: no second lease
+        and all(new > old for new, old in zip(after[path][share], expirations, strict=True))
+        for path, shares in before.items()
+        for share, expirations in shares.items()
+    )
+
+
+def test_a_cycle_renews_every_share_of_every_object_and_status_shows_it(
+    cluster: StorageCluster, node: NodeDirectory
+) -> None:
+    tree = build_tree(node)
+    before = leases_in(cluster, tree)
+    assert all(len(expirations) == 1 for shares in before.values() for expirations in shares.values())
+    time.sleep(1.1)  # expirations are whole seconds: a renewal now sets later ones
+
+    async def body(fs: GridFilesystem) -> None:
+        await cycle_done(fs)
+        state = (await fs.queue_state())["lease_renewal"]
+        assert state["last_result"] == {"renewed": 7, "errors": 0, "skipped": 1, "failed_servers": [], "unlisted": []}
+        assert not state["running"] and state["progress"] is None and state["error"] is None
+        assert state["next_due_at"] == pytest.approx(state["last_finished_at"] + 86400)
+        assert time.time() - 60 < state["last_finished_at"] <= time.time()
+
+    with_filesystem(node, body)
+    after = leases_in(cluster, tree)
+    assert after.keys() == before.keys() and later_for_every_share(before, after)
+    saved = saved_schedule(node)
+    assert isinstance(saved, Done) and saved.result.tally.renewed == 7
+
+    time.sleep(1.1)  # opened again within the interval: waits, renewing nothing
+
+    async def waits(fs: GridFilesystem) -> None:
+        assert fs.lease_renewal.schedule == saved
+        state = (await fs.queue_state())["lease_renewal"]
+        assert state["next_due_at"] == pytest.approx(saved.result.finished_at + 86400)
+        await trio.sleep(0.5)
+
+    with_filesystem(node, waits)
+    assert leases_in(cluster, tree) == after
+
+
+def test_a_cycle_cut_short_resumes_after_its_position(cluster: StorageCluster, node: NodeDirectory) -> None:
+    tree = build_tree(node)
+    configure(node, rate=4)  # slow enough to be stopped midway
+    time.sleep(1.1)
+
+    async def stopped_midway(fs: GridFilesystem) -> None:
+        running = lambda: fs.lease_renewal.schedule  # noqa: E731
+        await until(lambda: isinstance(running(), Running) and running().tally.objects >= 3, "three objects done")
+        state = (await fs.queue_state())["lease_renewal"]
+        assert state["running"] and state["progress"]["objects"] >= 3 and state["next_due_at"] is None
+
+    with_filesystem(node, stopped_midway)
+    stopped = saved_schedule(node)
+    assert isinstance(stopped, Running) and stopped.position is not None
+    done = {path for path in tree if path <= stopped.position}
+    assert 3 <= len(done) < len(tree)
+    middle = leases_in(cluster, tree)
+    time.sleep(1.1)
+
+    with_filesystem(node, cycle_done)
+    after = leases_in(cluster, tree)
+    for path in middle:
+        if path in done:
+            assert after[path] == middle[path], f"{path} renewed again"
+        else:
+            assert later_for_every_share({path: middle[path]}, after), f"{path} not renewed"
+    result = saved_schedule(node)
+    assert isinstance(result, Done)
+    assert (result.result.tally.renewed, result.result.tally.skipped) == (7, 1)  # each object once in all
+    assert result.result.started_at == stopped.started_at
+
+
+def test_a_server_down_is_recorded_and_no_server_backs_off(cluster: StorageCluster, node: NodeDirectory) -> None:
+    build_tree(node)
+    nickname = node.servers()[0].nickname
+    try:
+        cluster.stop(0)
+
+        async def one_down(fs: GridFilesystem) -> None:
+            await cycle_done(fs)
+            result = (await fs.queue_state())["lease_renewal"]["last_result"]
+            assert result["errors"] == 7 and result["renewed"] == 0 and result["failed_servers"] == [nickname]
+
+        with_filesystem(node, one_down)
+        for index in range(1, len(cluster.processes)):
+            cluster.stop(index)
+        save_schedule(node, to_json(Idle(0.0)))
+
+        async def all_down(fs: GridFilesystem) -> None:
+            await until(lambda: fs.lease_renewal.failures.get("grid") is not None, "failure")
+            state = (await fs.queue_state())["lease_renewal"]
+            assert state["error"]["attempts"] == 1 and state["error"]["next_try_in"] > 0
+            assert "no storage server answered" in state["error"]["error"]
+            assert not state["running"] and isinstance(fs.lease_renewal.schedule, Running)
+
+        with_filesystem(node, all_down)
+    finally:
+        for index, process in enumerate(cluster.processes):
+            if not process.running:
+                cluster.restart(index)
+
+
+@requires_fuse
+@pytest.mark.skipif(MODE != "split", reason="status asks the grid server, which only split mode runs")
+def test_status_shows_a_mounted_roots_last_renewal(
+    cluster: StorageCluster, node: NodeDirectory, tmp_path: Path
+) -> None:
+    build_tree(node)
+    with Mount(node.path, tmp_path / "mnt"):
+        deadline = time.monotonic() + WAIT
+        while True:
+            status = blackmatch("status", "-d", str(node.path))
+            line = next((line for line in status.stdout.splitlines() if line.startswith("Lease renewal")), "")
+            if "last finished" in line or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert line.startswith("Lease renewal (tahoe:): last finished "), status.stdout
+    assert ": 7 objects renewed; next due " in line and "URI:" not in status.stdout, line
+
+
+def test_status_line_of_a_cycle_with_problems() -> None:
+    state = {
+        "enabled": True,
+        "interval": 86400,
+        "last_finished_at": 0.0,
+        "last_result": {
+            "renewed": 5,
+            "errors": 2,
+            "skipped": 1,
+            "failed_servers": ["alpha", "beta"],
+            "unlisted": ["/a", "/b", "/c", "/d"],
+        },
+        "running": False,
+        "progress": {"objects": 1, "position": "/", "started_at": 10.0},
+        "next_due_at": None,
+        "error": {"item": "lease renewal", "error": "no storage server answered", "attempts": 3, "next_try_in": 7.5},
+    }
+    line = renewal_summary(state)
+    assert line.startswith("last finished ")
+    assert line.endswith(
+        ": 5 objects renewed, 2 with errors (failed: alpha, beta), 4 directories not listed (/a, /b, /c, ...); "
+        "cycle half done: 1 object done; failing (3 tries, next try in 8 s): no storage server answered"
+    )
+    assert renewal_summary({**state, "enabled": False}).startswith("off")
