@@ -108,7 +108,9 @@ class LeaseRenewal:
         async for path, cap in walk(self.grid, self.root, note_unlisted):
             running = self.schedule
             assert isinstance(running, Running)
-            if is_done(running, path):
+            if is_done(running, path):  # before a restart; a directory is read again, as slowly as it was
+                if isinstance(cap, DirectoryCap):
+                    await trio.sleep(pause)
                 continue
             storage_index = cap.storage_index
             if storage_index is None:  # a literal object: its content is its cap, nothing is stored
