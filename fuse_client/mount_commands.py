@@ -568,6 +568,7 @@ def mount_command(args: argparse.Namespace) -> int:
     node = node_for_mount(args)
     root_cap, what = root_of(node, args)
     read_only = check_root_cap(root_cap).is_readonly
+    node.lease_renewal()  # a bad setting is this command's one-line error, not a background process's log line
     check_servers(node)
     settings = FilesystemSettings(cache_timeout=args.cache_timeout, cache_size=args.cache_size)
     transport = choose_transport(split=not args.no_split)

@@ -310,3 +310,13 @@ def test_status_line_of_a_cycle_with_problems() -> None:
         "cycle half done: 1 object done; failing (3 tries, next try in 8 s): no storage server answered"
     )
     assert renewal_summary({**state, "enabled": False}).startswith("off")
+
+
+def test_a_bad_setting_fails_the_mount_in_one_line_naming_it(tmp_path: Path) -> None:
+    node = create_node(tmp_path / "node", local_grid=3, needed=2, happy=2, total=3)
+    with open(node.path / "tahoe.cfg", "a") as cfg:
+        cfg.write("\n[blackmatch]\nlease.renewal_interval = weekly\n")
+    result = blackmatch("mount", str(tmp_path / "mnt"), "-d", str(node.path))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("blackmatch: error: tahoe.cfg: [blackmatch] lease.renewal_interval: 'weekly'")
+    assert not (tmp_path / "mnt").exists()
