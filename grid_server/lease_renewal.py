@@ -66,7 +66,9 @@ class LeaseRenewal:
         self.config = config
         self.failures: Failures[str] = Failures()
         interval = config.interval if config.interval is not None else math.inf
-        self.schedule: Schedule = _load(self.path) or first_schedule(time.time(), interval)
+        saved = _load(self.path)
+        self._first = saved is None  # the first cycle's due time is saved at once: a short mount still counts
+        self.schedule: Schedule = saved or first_schedule(time.time(), interval)
 
     async def run(self) -> None:
         """Renew cycle after cycle while the root is open; return at once when renewal is off. A failure that is
@@ -74,6 +76,11 @@ class LeaseRenewal:
         interval = self.config.interval
         if interval is None:
             return
+        if self._first:
+            try:
+                self._save(self.schedule)
+            except OSError as exc:  # the first cycle is then due that long after the next start instead
+                log.warning("cannot save the lease-renewal state: %s", exc)
         while True:
             due = due_at(self.schedule, interval)
             if due is not None and due > time.time():

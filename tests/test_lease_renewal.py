@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from fuse_client.grid_commands import create_node
 from fuse_client.status_command import renewal_summary
@@ -320,3 +321,18 @@ def test_a_bad_setting_fails_the_mount_in_one_line_naming_it(tmp_path: Path) -> 
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("blackmatch: error: tahoe.cfg: [blackmatch] lease.renewal_interval: 'weekly'")
     assert not (tmp_path / "mnt").exists()
+
+
+def test_a_new_roots_first_cycle_is_saved_as_due_soon_and_a_short_mount_keeps_it(tmp_path: Path) -> None:
+    node = create_node(tmp_path / "node", local_grid=3, needed=2, happy=2, total=3)
+
+    async def glance(fs: GridFilesystem) -> None:
+        await trio.testing.wait_all_tasks_blocked()  # the renewal task has started, and waits for the due time
+        assert (await fs.queue_state())["lease_renewal"]["last_result"] is None
+
+    opened = time.time()
+    with_filesystem(node, glance)
+    first = saved_schedule(node)
+    assert isinstance(first, Idle) and opened + 590 < first.due <= time.time() + 600
+    with_filesystem(node, glance)
+    assert saved_schedule(node) == first  # not pushed back by the next start
