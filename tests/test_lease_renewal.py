@@ -241,7 +241,7 @@ def test_a_cycle_cut_short_resumes_after_its_position(cluster: StorageCluster, n
 
 def test_a_server_down_is_recorded_and_no_server_backs_off(cluster: StorageCluster, node: NodeDirectory) -> None:
     build_tree(node)
-    nickname = node.servers()[0].nickname
+    nickname = cluster.servers[0].nickname
     try:
         cluster.stop(0)
 
