@@ -16,7 +16,6 @@ from lafs_core.storage.expiry import (
     expiry_settings,
     lease_expired,
     parse_cutoff_date,
-    parse_duration,
     share_expired,
 )
 
@@ -29,32 +28,6 @@ age_settings = st.builds(
 )
 cutoff_settings = st.builds(ExpirySettings, enabled=st.just(True), mode=st.just("cutoff-date"), cutoff_date=times)
 any_settings = age_settings | cutoff_settings
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        # The examples of Tahoe's docs/garbage-collection.rst, and seconds for tests.
-        ("7days", 7 * DAY),
-        ("31day", 31 * DAY),
-        ("60 days", 60 * DAY),
-        ("2mo", 2 * 31 * DAY),
-        ("3 month", 3 * 31 * DAY),
-        ("12 months", 12 * 31 * DAY),
-        ("2years", 2 * 365 * DAY),
-        ("2 seconds", 2),
-        ("1 DAY", DAY),
-        (" 5s ", 5),
-    ],
-)
-def test_parse_duration_reads_tahoe_durations(text, seconds):
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "days", "3", "3 weeks", "-1 days", "1.5 days", "2 hours", "1 day 2 s"])
-def test_parse_duration_refuses_what_tahoe_refuses(text):
-    with pytest.raises(ValueError, match="not a duration"):
-        parse_duration(text)
 
 
 @given(st.dates(min_value=datetime.date(1970, 1, 1)))

@@ -24,27 +24,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from ..durations import parse_duration
 from ..errors import LafsError
 from .containers import LEASE_DURATION
 
 ExpiryMode = Literal["age", "cutoff-date"]
 DEFAULT_CYCLE_TIME = 12 * 3600  # Tahoe's lease checker starts a new pass at most twice a day
 
-_SECOND, _DAY = 1, 24 * 3600
-# Tahoe's `parse_duration` units: a month is 31 days, a year 365.
-_DURATION_UNITS = {
-    "s": _SECOND,
-    "second": _SECOND,
-    "seconds": _SECOND,
-    "day": _DAY,
-    "days": _DAY,
-    "mo": 31 * _DAY,
-    "month": 31 * _DAY,
-    "months": 31 * _DAY,
-    "year": 365 * _DAY,
-    "years": 365 * _DAY,
-}
-_DURATION = re.compile(r"^\s*(\d+)\s*(" + "|".join(_DURATION_UNITS) + r")\s*$", re.IGNORECASE)
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 _SETTINGS = (
     "expire.enabled",
@@ -87,14 +73,6 @@ class ExpirySettings:
             rule = f"was last renewed more than {self.override_lease_duration} s ago"
         kinds = " and ".join(kind for kind, on in (("immutable", self.immutable), ("mutable", self.mutable)) if on)
         return f"expiry enabled: {kinds or 'no'} shares are deleted once every lease on them {rule}"
-
-
-def parse_duration(text: str) -> int:
-    """Seconds in a Tahoe duration such as "60 days", "2mo", "1 year" or "2 seconds"."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a duration such as '60 days', '2 months' or '30 seconds'")
-    return int(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
 
 
 def parse_cutoff_date(text: str) -> int:
