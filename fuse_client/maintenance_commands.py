@@ -70,27 +70,36 @@ def add_maintenance_commands(commands: argparse._SubParsersAction[argparse.Argum
 
 # --- what to check -----------------------------------------------------------------------------------------------
 async def target_cap(grid: Grid, node: NodeDirectory, text: str, *, writable: bool = False) -> Cap:
-    """The object TARGET names: a path on a blackmatch mount by its read cap (its write cap when `writable` and
-    the mount has one: repair of a mutable object needs it), else a grid location."""
-    mounted = mounted_cap(text, CAP_XATTR) if writable else None
-    mounted = mounted or mounted_cap(text, READCAP_XATTR)
-    if mounted is not None:
-        return mounted
+    """The object TARGET names: a local path (on a blackmatch mount) by its cap, else a grid location."""
+    if _local_path(text):
+        return mounted_cap(text, writable)
     root, components = location_of(text, node)
     cap, _entry = await resolve(grid, root, components)
     return cap
 
 
-def mounted_cap(text: str, attribute: str) -> Cap | None:
-    """The cap a path on a blackmatch mount shows as `attribute`; None when `text` is not a path on one, or
-    (for the write cap) when the mount holds none."""
-    try:
-        value = os.getxattr(text, attribute)
-    except OSError as exc:
-        if exc.errno == errno.ENODATA and attribute == READCAP_XATTR and _on_blackmatch_mount(Path(text)):
-            raise LafsError(f"{text} is not on the grid yet: check it once its upload is done") from None
-        return None
-    return parse_known_cap(value.decode("ascii"))
+def _local_path(text: str) -> bool:
+    """Whether TARGET is a local path: it is written as one, or exists here. Otherwise it is a grid location, a
+    bare name being a path in the default alias as in Tahoe."""
+    return text.startswith(("/", "./", "../")) or os.path.lexists(text)
+
+
+def mounted_cap(text: str, writable: bool) -> Cap:
+    """The cap of a path on a blackmatch mount: its read cap, or its write cap when `writable` and the mount has
+    one (a mutable object's repair needs it)."""
+    if not os.path.lexists(text):
+        raise LafsError(f"{text}: no such file or directory")
+    if not _on_blackmatch_mount(Path(text)):
+        raise LafsError(f"{text} is not on a blackmatch mount: name it as alias:path or by its cap")
+    for attribute in (CAP_XATTR, READCAP_XATTR) if writable else (READCAP_XATTR,):
+        try:
+            value = os.getxattr(text, attribute, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                continue
+            raise LafsError(f"{text}: cannot read its cap: {exc.strerror}") from None
+        return parse_known_cap(value.decode("ascii"))
+    raise LafsError(f"{text} is not on the grid yet: check it once its upload is done")
 
 
 def _on_blackmatch_mount(path: Path) -> bool:

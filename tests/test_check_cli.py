@@ -306,3 +306,13 @@ def test_a_path_on_a_mount_is_checked_by_its_read_cap(all_running: StorageCluste
         assert failed.stderr.decode() == f"blackmatch: error: {message}\n"
         for index in range(len(all_running.servers)):
             all_running.restart(index)
+
+    missing = mount.mountpoint / "missing"
+    elsewhere = tmp_path / "local-file"
+    elsewhere.write_bytes(b"not on the grid")
+    for target, message in (
+        (missing, f"{missing}: no such file or directory"),
+        (elsewhere, f"{elsewhere} is not on a blackmatch mount: name it as alias:path or by its cap"),
+    ):
+        failed = blackmatch("check", "-d", str(node), str(target), check=False)
+        assert (failed.returncode, failed.stderr.decode()) == (FAILED, f"blackmatch: error: {message}\n")
