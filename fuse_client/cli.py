@@ -5,6 +5,7 @@ line and exit with status 1; usage mistakes exit with status 2 via argparse. No 
 """
 
 import argparse
+import importlib.metadata
 import os
 import select
 import signal
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blackmatch",
         description="Use a Tahoe-LAFS grid from ordinary software.",
     )
+    parser.add_argument("--version", action="version", version=f"blackmatch {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_grid_commands(commands)
     add_maintenance_commands(commands)
@@ -54,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.set_defaults(handler=debug_commands.cap_command)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("blackmatch")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,8 +68,15 @@ T = TypeVar("T")
 
 def add_grid_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create = commands.add_parser("create-node", help="make a node directory (with an embedded grid unless told)")
-    create.add_argument("node_dir", metavar="NODEDIR", type=Path)
-    create.add_argument("--local-grid", type=int, metavar="N", help="embedded grid of N local share stores")
+    create.add_argument(
+        "node_dir", metavar="NODEDIR", type=Path, help="the directory to make (not a node directory yet)"
+    )
+    create.add_argument(
+        "--local-grid",
+        type=int,
+        metavar="N",
+        help="embedded grid of N local share stores (default: --total of them, when no server is named)",
+    )
     create.add_argument(
         "--servers",
         type=Path,
@@ -86,20 +93,26 @@ def add_grid_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
         metavar="DIR",
         help="a directory holding a shares/ tree to use as a server (repeatable)",
     )
-    create.add_argument("--needed", type=int, default=3, metavar="K")
-    create.add_argument("--happy", type=int, default=None, metavar="H")
-    create.add_argument("--total", type=int, default=10, metavar="N")
+    create.add_argument("--needed", type=int, default=3, metavar="K", help="shares needed to read a file (default 3)")
+    create.add_argument(
+        "--happy",
+        type=int,
+        default=None,
+        metavar="H",
+        help="servers that must hold distinct shares for an upload to succeed (default 7, or N if smaller)",
+    )
+    create.add_argument("--total", type=int, default=10, metavar="N", help="shares made of each file (default 10)")
     create.set_defaults(handler=create_node_command)
 
     create_alias = commands.add_parser("create-alias", help="make a new directory on the grid and an alias for it")
     add_node_directory_option(create_alias)
-    create_alias.add_argument("alias", metavar="ALIAS")
+    create_alias.add_argument("alias", metavar="ALIAS", help="the new alias's name")
     create_alias.set_defaults(handler=grid_handler(create_alias_command))
 
     add_alias = commands.add_parser("add-alias", help="name an existing directory cap as an alias")
     add_node_directory_option(add_alias)
-    add_alias.add_argument("alias", metavar="ALIAS")
-    add_alias.add_argument("cap", metavar="DIRCAP")
+    add_alias.add_argument("alias", metavar="ALIAS", help="the new alias's name")
+    add_alias.add_argument("cap", metavar="DIRCAP", help="a directory cap (URI:DIR2:...)")
     add_alias.set_defaults(handler=add_alias_command)
 
     list_aliases = commands.add_parser("list-aliases", help="show the aliases and their directory caps")
@@ -117,20 +130,20 @@ def add_grid_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
     get = commands.add_parser("get", help="download a file (to standard output without LOCAL)")
     add_node_directory_option(get)
-    get.add_argument("source", metavar="SOURCE")
-    get.add_argument("local", metavar="LOCAL", nargs="?")
+    get.add_argument("source", metavar="SOURCE", help="alias:path, a cap, or CAP/path")
+    get.add_argument("local", metavar="LOCAL", nargs="?", help="local file to write (replaced once complete)")
     get.set_defaults(handler=grid_handler(get_command))
 
     ls = commands.add_parser("ls", help="list a directory")
     add_node_directory_option(ls)
-    ls.add_argument("path", metavar="PATH", nargs="?", default="tahoe:")
+    ls.add_argument("path", metavar="PATH", nargs="?", default="tahoe:", help="alias:path or a cap (default tahoe:)")
     ls.add_argument("-l", "--long", action="store_true", help="type, size, link time")
     ls.add_argument("--json", action="store_true", help="JSON as `tahoe ls --json` prints it")
     ls.set_defaults(handler=grid_handler(ls_command))
 
     mkdir = commands.add_parser("mkdir", help="make a directory (unlinked, cap printed, without PATH)")
     add_node_directory_option(mkdir)
-    mkdir.add_argument("path", metavar="PATH", nargs="?")
+    mkdir.add_argument("path", metavar="PATH", nargs="?", help="alias:path of the new directory")
     mkdir.add_argument("--format", choices=["sdmf", "mdmf"], help="mutable format (default: the node's)")
     mkdir.set_defaults(handler=grid_handler(mkdir_command))
 
@@ -140,13 +153,13 @@ def add_grid_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     ):
         sub = commands.add_parser(name, help=helptext)
         add_node_directory_option(sub)
-        sub.add_argument("source", metavar="FROM")
-        sub.add_argument("target", metavar="TO")
+        sub.add_argument("source", metavar="FROM", help="alias:path or CAP/path")
+        sub.add_argument("target", metavar="TO", help="alias:path or CAP/path")
         sub.set_defaults(handler=grid_handler(handler))
 
     rm = commands.add_parser("rm", help="unlink an object from its directory")
     add_node_directory_option(rm)
-    rm.add_argument("path", metavar="PATH")
+    rm.add_argument("path", metavar="PATH", help="alias:path or CAP/path")
     rm.set_defaults(handler=grid_handler(rm_command))
 
 

@@ -50,6 +50,7 @@ import pyfuse3
 import trio
 
 from grid_server.failures import log_failure
+from grid_server.filesystem import FilesystemOptions
 from grid_server.operations import FsError, Operations
 from grid_server.pid_lock import PidLock, lock_held_on
 from lafs_core.caps import ChkVerifierCap, DirectoryCap, MutableVerifierCap, parse_known_cap
@@ -104,10 +105,14 @@ def add_mount_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--cache-timeout",
         type=_non_negative_float,
         metavar="SECONDS",
-        help="re-read directories from the grid when their copy is older than this",
+        help=f"re-read directories from the grid when their copy is older than this (default "
+        f"{FilesystemOptions.cache_timeout:g})",
     )
     mount.add_argument(
-        "--cache-size", type=parse_size, metavar="BYTES", help="disk cache of file contents (suffixes K, M, G, T)"
+        "--cache-size",
+        type=parse_size,
+        metavar="BYTES",
+        help=f"disk cache of file contents, suffixes K, M, G, T (default {FilesystemOptions.cache_size >> 30}G)",
     )
     mount.add_argument(
         "-o",
@@ -125,7 +130,7 @@ def add_mount_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="unmount a blackmatch mount; returns when its uploads are done",
         description="Unmount MOUNTPOINT and wait until the process serving it has finished uploading and exited.",
     )
-    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="where the grid is mounted")
     add_node_directory_option(unmount)
     unmount.add_argument(
         "--timeout",

@@ -29,7 +29,7 @@ def add_storage_commands(subparsers: argparse._SubParsersAction[argparse.Argumen
     commands = storage.add_subparsers(dest="storage_command", metavar="STORAGECOMMAND", required=True)
 
     create = commands.add_parser("create", help="make a storage server directory")
-    create.add_argument("directory", metavar="DIR", type=Path)
+    create.add_argument("directory", metavar="DIR", type=Path, help="the directory to make (new, or empty)")
     create.add_argument(
         "--listen",
         default="127.0.0.1:0",
@@ -40,7 +40,7 @@ def add_storage_commands(subparsers: argparse._SubParsersAction[argparse.Argumen
     create.set_defaults(handler=create_command)
 
     run = commands.add_parser("run", help="serve a storage server directory until SIGTERM or SIGINT")
-    run.add_argument("directory", metavar="DIR", type=Path)
+    run.add_argument("directory", metavar="DIR", type=Path, help="a directory made by storage create")
     run.set_defaults(handler=run_command)
 
 

@@ -1,5 +1,7 @@
 """The command line as a user meets it: help, usage errors, clear one-line failures."""
 
+import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -9,10 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fuse_client.cli import build_parser
 from lafs_core.caps import parse_cap
 
 from .shared_data import SAMPLE_GRID, sample_caps, sample_convergence
@@ -29,6 +33,33 @@ def test_help_lists_subcommands():
     result = run("--help")
     assert result.returncode == 0
     assert "debug" in result.stdout
+
+
+def test_version_is_the_installed_one():
+    result = run("--version")
+    assert (result.returncode, result.stdout) == (0, f"blackmatch {importlib.metadata.version('blackmatch')}\n")
+
+
+def _commands(parser: argparse.ArgumentParser, name: str) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command and subcommand parser under `parser`, named as typed."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _commands(sub, f"{name} {sub_name}")
+
+
+def test_every_argument_is_explained_with_its_default():
+    """--help of each command says what every argument is, and the default of each option that has one."""
+    for name, parser in _commands(build_parser(), "blackmatch"):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._VersionAction | argparse._SubParsersAction):
+                continue
+            label = f"{name} {'/'.join(action.option_strings) or action.metavar}"
+            assert action.help, f"{label} has no help"
+            takes_value = action.nargs != 0 and action.option_strings
+            if takes_value and action.default not in (None, [], False) and "repeatable" not in action.help:
+                assert "default" in action.help, f"{label} does not give its default ({action.default!r})"
 
 
 @pytest.mark.parametrize(
