@@ -140,6 +140,11 @@ def add_mount_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help=f"how long to wait for pending uploads (default {UNMOUNT_TIMEOUT:g}); uploads that make no progress "
         "for this long (or for 120 s) stay queued for the next mount",
     )
+    unmount.add_argument(
+        "--lazy",
+        action="store_true",
+        help="detach a busy mountpoint now and return; its process uploads and exits once nothing uses it",
+    )
     unmount.set_defaults(handler=unmount_command)
 
 
@@ -727,7 +732,7 @@ def unmount_command(args: argparse.Namespace) -> int:
             if process is not None:
                 unmount_request(process.path).write_text(f"{args.timeout}\n")
             try:
-                _fusermount_unmount(mountpoint)
+                _fusermount_unmount(mountpoint, lazy=args.lazy)
             except MountError:
                 if process is not None:
                     unmount_request(process.path).unlink(missing_ok=True)
@@ -736,6 +741,12 @@ def unmount_command(args: argparse.Namespace) -> int:
             print(
                 f"Unmounted {mountpoint}; no process was serving it any more "
                 "(writes it had not uploaded go up on the next mount of the same node directory)",
+            )
+            return 0
+        if args.lazy:
+            print(
+                f"Detached {mountpoint}; its process (pid {process.pid}) finishes uploading and exits once nothing "
+                f"uses it any more (blackmatch status lists it as detached until then)"
             )
             return 0
         _wait_for_exit(process, mountpoint, args.timeout + EXIT_GRACE)
@@ -757,16 +768,17 @@ def unmount_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fusermount_unmount(mountpoint: Path) -> None:
+def _fusermount_unmount(mountpoint: Path, *, lazy: bool = False) -> None:
     command = shutil.which("fusermount3") or shutil.which("fusermount")
     if command is None:
         raise MountError("cannot unmount: fusermount3 is not installed (Debian package fuse3)")
-    result = subprocess.run([command, "-u", str(mountpoint)], capture_output=True, text=True, check=False)
+    lazily = ["-z"] if lazy else []
+    result = subprocess.run([command, "-u", *lazily, str(mountpoint)], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"{Path(command).name} exited with status {result.returncode}"
         if "busy" in reason.lower():
-            reason += " (something still uses it: a shell's working directory, an open file)"
+            reason += " (something still uses it: a shell's working directory, an open file; --lazy detaches it now)"
         raise MountError(f"cannot unmount {mountpoint}: {reason}")
 
 

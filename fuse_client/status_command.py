@@ -19,7 +19,7 @@ from lafs_core.errors import LafsError
 from lafs_core.grid.nodedir import NodeDirectory
 
 from .grid_server_process import server_status
-from .mount_commands import ServingProcess, mounts_directory
+from .mount_commands import ServingProcess, find_mount, mounts_directory
 from .node_options import add_node_directory_option, existing_node
 
 
@@ -49,7 +49,8 @@ def status_command(args: argparse.Namespace) -> int:
     mounts = _live_mounts(mounts_directory(node))
     print("Mounts:" if mounts else "Mounts: none")
     for mountpoint, pid in mounts:
-        print(f"  {mountpoint} (pid {pid})")
+        detached = "" if find_mount(Path(mountpoint)) else ", detached: it finishes once nothing uses it"
+        print(f"  {mountpoint} (pid {pid}{detached})")
     return 0
 
 

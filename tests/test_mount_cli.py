@@ -206,6 +206,33 @@ def test_mount_write_unmount_remount(tmp_path):
 
 
 @requires_fuse
+def test_unmount_lazy_detaches_a_busy_mount_and_its_writes_still_upload(tmp_path):
+    """As umount -l: a plain unmount of a busy mountpoint fails and says so; --lazy detaches it at once, the file
+    held open still works, and once it is closed the process uploads and exits."""
+    node, mountpoint = tmp_path / "node", tmp_path / "mnt"
+    with Mount(node, mountpoint) as mount:
+        held = open(mountpoint / "held.txt", "w")  # noqa: SIM115 - held open across the unmount on purpose
+        try:
+            held.write("before ")
+            held.flush()
+            busy = one_line_error(mount.run("unmount", str(mountpoint), timeout=60))
+            assert "busy" in busy and "--lazy" in busy, busy
+            detached = mount.run("unmount", str(mountpoint), "--lazy", timeout=60)
+            assert detached.returncode == 0 and f"Detached {mountpoint}" in detached.stdout, detached.stderr
+            assert find_mount(mount.mountpoint) is None and os.listdir(mountpoint) == []
+            assert mount.pid is not None and process_alive(mount.pid)
+            status = mount.run("status", timeout=60).stdout
+            assert f"  {mountpoint} (pid {mount.pid}, detached: it finishes once nothing uses it)" in status, status
+            held.write("and after the detach")
+        finally:
+            held.close()
+        assert wait_until_gone(mount.pid), "the detached mount's process did not exit once it was unused"
+        mount.killed = True  # unmounted here, not by the Mount
+    with Mount(node, mountpoint):
+        assert (mountpoint / "held.txt").read_text() == "before and after the detach"
+
+
+@requires_fuse
 def test_the_readme_mount_on_a_fresh_home(tmp_path):
     """`./blackmatch mount ~/grid` as the README gives it, for a user with nothing yet: no ~/.blackmatch and no
     ~/grid. Both are made (each said in one line on stderr), the mount works, and ~/grid stays afterwards."""
