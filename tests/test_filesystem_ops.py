@@ -27,6 +27,7 @@ from fuse_client.grid_commands import create_node
 from grid_server import directory_views, filesystem, uploader
 from grid_server.filesystem import FilesystemOptions, GridFilesystem, open_filesystem
 from grid_server.journal_records import Link
+from grid_server.lease_renewal import STATE_FILE as RENEWAL_STATE_FILE
 from grid_server.nodes import Directory, Inode
 from grid_server.operations import RENAME_NOREPLACE, ROOT_INODE, AttrChanges, Caller, FsError
 from grid_server.root_entry import ROOT_FILE
@@ -423,7 +424,8 @@ def test_journal_resumes_what_a_killed_process_left(node, layout):
         state = node[0].private / "blackmatch"
         for name in ("journal", "files"):
             (journal.parent / name).rename(state / name)
-        (journal.parent / ROOT_FILE).unlink()  # that version kept no root metadata
+        for kept_by_later_versions in (ROOT_FILE, RENEWAL_STATE_FILE):  # root metadata, lease renewal
+            (journal.parent / kept_by_later_versions).unlink(missing_ok=True)
         journal.parent.rmdir()
 
     async def body(fs: GridFilesystem) -> None:
