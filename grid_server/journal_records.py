@@ -9,10 +9,14 @@ must replay after an upgrade):
     {"op": "uploaded", "local": ID, "cap": CAP}                                   a local file's content is on the grid
     {"op": "published", "seqs": [N, ...]}                                         those changes are on the grid
     {"op": "together", "changes": [SET, SET, ...]}                                 "set" records made as one
+    {"op": "sweep", "id": ID, "replaced": [CAP, ...], "cap": CAP, "meta": {...}}  names of link ID to bring up to date
+    {"op": "swept", "id": ID}                                                     every name of link ID was found
 
 A link's `local` names the local file whose content is not on the grid yet (then `cap` is the version it started
 from, or null for a new file); an `uploaded` record gives such links the cap their content got. A `together` record
-is one line, so a replay applies all its changes or (a torn last line) none: a RENAME_EXCHANGE's two links.
+is one line, so a replay applies all its changes or (a torn last line) none: a RENAME_EXCHANGE's two links. A
+`sweep` record (stale_links.py) holds the whole state its names are to get; a later one for the same identity
+replaces it.
 """
 
 from __future__ import annotations
@@ -71,7 +75,26 @@ class Together:
     changes: tuple[Change, ...]
 
 
-Record = Link | Removal | Uploaded | Published | Together
+@dataclass(frozen=True)
+class LinkSweep:
+    """A hard-linked file (link identity `identity`) changed while this mount knew fewer of its names than it has: a
+    name of it found holding one of the caps in `replaced`, or `cap` with an older ctime than `metadata` has, missed
+    the change and is to get `cap` and `metadata`."""
+
+    identity: str
+    replaced: tuple[str, ...]
+    cap: str
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class LinkSwept:
+    """Every name of the hard-linked file `identity` was found (or the whole tree walked) since its last sweep."""
+
+    identity: str
+
+
+Record = Link | Removal | Uploaded | Published | Together | LinkSweep | LinkSwept
 
 
 class MalformedRecord(ValueError):
@@ -100,6 +123,16 @@ def serialize_record(record: Record) -> dict[str, Any]:
             return {"op": "published", "seqs": list(record.seqs)}
         case Together():
             return {"op": "together", "changes": [serialize_record(change) for change in record.changes]}
+        case LinkSweep():
+            return {
+                "op": "sweep",
+                "id": record.identity,
+                "replaced": list(record.replaced),
+                "cap": record.cap,
+                "meta": dict(record.metadata),
+            }
+        case LinkSwept():
+            return {"op": "swept", "id": record.identity}
 
 
 def parse_record(raw: object) -> Record:
@@ -132,6 +165,13 @@ def parse_record(raw: object) -> Record:
         if not changes:
             raise MalformedRecord("together: no changes")
         return Together(tuple(changes))
+    if op == "sweep":
+        replaced = _field(raw, "replaced", list)
+        if not all(type(cap) is str for cap in replaced):
+            raise MalformedRecord("sweep: replaced caps are not all strings")
+        return LinkSweep(_field(raw, "id", str), tuple(replaced), _field(raw, "cap", str), _field(raw, "meta", dict))
+    if op == "swept":
+        return LinkSwept(_field(raw, "id", str))
     raise MalformedRecord(f"unknown op {op!r}")
 
 

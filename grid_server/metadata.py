@@ -68,6 +68,21 @@ def link_identity(metadata: Mapping[str, Any]) -> str | None:
     return identity if isinstance(identity, str) and identity else None
 
 
+def change_time_ns(metadata: Mapping[str, Any]) -> int:
+    """The entry's ctime, as `posix_fields` reads it: which of two entries of one file was changed later."""
+    return _file_fields(metadata).ctime_ns
+
+
+def link_count(metadata: Mapping[str, Any]) -> int:
+    """How many names the entry says its file has (1 for a file that is not hard-linked)."""
+    return _file_fields(metadata).link_count
+
+
+def _file_fields(metadata: Mapping[str, Any]) -> PosixFields:
+    """The fields of a file's entry where neither the defaults of ids nor of modes matter."""
+    return posix_fields(dict(metadata), is_dir=False, writable=False, uid=0, gid=0)
+
+
 def _tahoe_time(metadata: dict[str, Any], key: str) -> int | None:
     tahoe = metadata.get("tahoe")
     value = tahoe.get(key) if isinstance(tahoe, dict) else None
