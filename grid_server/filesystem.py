@@ -53,8 +53,9 @@ from lafs_core.immutable.params import LIT_THRESHOLD
 from .directory_views import DirectoryViews
 from .inode_table import HandleTable, InodeTable
 from .journal import WriteJournal
-from .journal_records import Change, Link, Record, Removal, Together
+from .journal_records import Change, Link, LinkSweep, LinkSwept, Record, Removal, Together
 from .lease_renewal import LeaseRenewal
+from .link_sweep import WALK_DESCRIPTION, LinkSweeper
 from .local_files import LocalFile, LocalFiles
 from .metadata import (
     DEVICE_TYPES,
@@ -85,6 +86,7 @@ from .operations import (
 from .publisher import Publisher
 from .read_cache import ReadCache
 from .root_entry import load_root_metadata, save_root_metadata
+from .stale_links import StaleLinks
 from .uploader import Uploader
 from .write_back import WriteBack
 
@@ -170,6 +172,17 @@ class GridFilesystem:
         self._gave_up_at: tuple[int, int] | None = None  # the progress mark when a drain last gave up
         self._closed_unsynced: dict[str, LocalFile] = {}  # closed files whose content is not fsynced yet
         self._closed_wanted = trio.Event()
+        self.stale_links = StaleLinks()
+        self.link_sweeper = LinkSweeper(
+            self.stale_links,
+            self.directories,
+            root,
+            pending_in=self._pending_in,
+            visit=self._child,
+            let_go=self._maybe_drop,
+            swept=self._swept,
+            progress=self._note_progress,
+        )
 
     # --- start, drain, close -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,6 +191,9 @@ class GridFilesystem:
         self.nursery.start_soon(self.publisher.run)
         self.nursery.start_soon(self.uploader.run)
         self.nursery.start_soon(self.lease_renewal.run)
+        self.nursery.start_soon(self.link_sweeper.run)
+        if len(self.stale_links):
+            self.link_sweeper.want()
 
     async def drain(self, give_up_after: float = DRAIN_GIVE_UP) -> bool:
         """Wait until every change is on the grid; False once nothing has moved for `give_up_after` seconds (the
@@ -191,6 +207,8 @@ class GridFilesystem:
             if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
                 self.uploader.queue(inode.local)
         self.publisher.retries.retry_now()
+        if len(self.stale_links):
+            self.link_sweeper.now()
         mark, quiet_since = self._progress_mark(), trio.current_time()
         patience = min(give_up_after, DRAIN_AGAIN) if mark == self._gave_up_at else give_up_after
         while self.outstanding():
@@ -211,12 +229,13 @@ class GridFilesystem:
         return True
 
     async def queue_state(self) -> dict[str, Any]:
-        """What the write-back queue holds: changes pending, and uploads and publishes waiting, in flight, or
-        failing (why, how often, and in how many seconds they are tried again); and where the background lease
-        renewal stands."""
+        """What the write-back queue holds: changes pending, uploads and publishes waiting, in flight, or failing
+        (why, how often, and in how many seconds they are tried again), and hard-linked files whose other names are
+        still to be brought up to date (link_sweep.py); and where the background lease renewal stands."""
         now = trio.current_time()
         ready = [key for key in self.write_back.directories() if self.write_back.ready(key)]
         upload_failures, publish_failures = self.uploader.retries.failures, self.publisher.retries.failures
+        sweep_failures = self.link_sweeper.retries.failures
         return {
             "changes": self.write_back.count(),
             "uploads": {
@@ -234,6 +253,10 @@ class GridFilesystem:
                     publish_failures.describe(key, self._path(self.directories[key].inode), now)
                     for key in publish_failures.failing()
                 ],
+            },
+            "link_sweeps": {
+                "pending": len(self.stale_links),
+                "failing": [sweep_failures.describe(key, WALK_DESCRIPTION, now) for key in sweep_failures.failing()],
             },
             "lease_renewal": self.lease_renewal.state(),
         }
@@ -268,7 +291,7 @@ class GridFilesystem:
         self._changed = trio.Event()
 
     def outstanding(self) -> int:
-        return self.write_back.count() + self.uploader.waiting()
+        return self.write_back.count() + self.uploader.waiting() + len(self.stale_links)
 
     def check(self) -> None:
         """Raise AssertionError unless the write-back state is consistent, in itself and with the inodes: every
@@ -389,39 +412,48 @@ class GridFilesystem:
         ):
             self._detach(inode, directory, name)  # replaced elsewhere, or a loop made or broken: a new inode for it
             inode = None
+        missed = self.stale_links.stale(cap, entry.metadata)  # a change of its hard-linked file passed it by
         if inode is None and kind not in (DIRECTORY, LOOP):
-            inode = self._join_link(directory, name, cap, entry.metadata)
+            inode = self._join_link(directory, name, cap, entry.metadata, missed is not None)
         if inode is None:
             inode = self._new_inode(kind, cap, dict(entry.metadata))
             inode.loop_target = loop_target
             self._attach(inode, directory, name)
-        elif inode.local is None:
+        elif missed is None and inode.local is None:
             inode.metadata = dict(entry.metadata)
             self.inodes.index_link(inode)
-        elif settled and isinstance(cap, MutableWriteCap | MutableReadCap) and inode.local_seen != directory.reads:
+        elif (
+            missed is None
+            and settled
+            and isinstance(cap, MutableWriteCap | MutableReadCap)
+            and inode.local_seen != directory.reads
+        ):
             # A mutable file's copy is a cache of the version read then: after a re-read, read it again.
             self._release_local(inode)
             inode.metadata = dict(entry.metadata)
+        if missed is not None:
+            self._bring_up_to_date(inode, directory, name, missed)
         return inode
 
-    def _join_link(self, directory: Directory, name: str, cap: Cap, metadata: dict[str, Any]) -> Inode | None:
+    def _join_link(
+        self, directory: Directory, name: str, cap: Cap, metadata: dict[str, Any], missed: bool
+    ) -> Inode | None:
         """The inode another name of this hard-linked file has in the table, now known at `name` too; None when
         there is none, or when the entry holds other content than it (rewritten by a client that keeps no links).
 
-        An entry still holding the immutable cap the names shared before the first write through one of them is
-        given the mutable file's cap (a pending change, published with its directory's next update); a mutable
-        file made by another mount replaces the immutable content of an inode that holds nothing of its own."""
+        An entry that `missed` a change of the file (stale_links.py: it holds the cap from before the first write
+        through another name, say) joins it, to be brought up to date (`_child`); a mutable file made by another
+        mount replaces the immutable content of an inode that holds nothing of its own."""
         identity = link_identity(metadata)
         inode = self.inodes.linked(identity) if identity is not None else None
         if inode is None:
             return None
         self._attach(inode, directory, name)
-        if inode.cap is not None and inode.cap.to_string() == cap.to_string():
+        same = inode.cap is not None and inode.cap.to_string() == cap.to_string()
+        if same or missed:
             return inode
         inode_mutable, entry_mutable = (isinstance(c, MutableWriteCap | MutableReadCap) for c in (inode.cap, cap))
-        if inode_mutable and not entry_mutable and inode.shared_cap is not None and str(inode.shared_cap) == str(cap):
-            self._touch(inode, [(directory, name)])  # the name still holds the content from before the first write
-        elif entry_mutable and not inode_mutable and self._settled(inode):
+        if entry_mutable and not inode_mutable and self._settled(inode):
             if inode.local is not None:
                 self._release_local(inode)
             inode.cap, inode.metadata = cap, dict(metadata)
@@ -430,6 +462,53 @@ class GridFilesystem:
             self._unname(inode, directory, name)
             return None
         return inode
+
+    def _bring_up_to_date(self, inode: Inode, directory: Directory, name: str, missed: LinkSweep) -> None:
+        """Give `name`, whose entry missed a change of its hard-linked file, the file's state: the state of the
+        inode it joined, or (an inode made from entries that missed the change too) the state the change left, as
+        its sweep recorded it, for all its names. Entries are re-recorded as known names are after a change."""
+        if self.stale_links.stale(inode.cap, inode.metadata) is None:
+            self._touch(inode, [(directory, name)])
+            return
+        if not self._settled(inode):
+            return  # written meanwhile from the old content: its own upload and entries decide
+        before = inode.cap, inode.metadata
+        if inode.local is not None:
+            self._release_local(inode)  # a copy of the old content
+        inode.cap, inode.metadata = parse_cap(missed.cap), dict(missed.metadata)
+        self.inodes.index_link(inode)
+        try:
+            self._touch(inode)
+        except FsError:  # not recorded (a full disk): the inode shows what the grid has, and a later lookup retries
+            inode.cap, inode.metadata = before
+            self.inodes.index_link(inode)
+            raise
+
+    def _sweep_missed_names(self, inode: Inode, identity: str | None, replaced: tuple[Cap, ...] = ()) -> None:
+        """After a change of the hard-linked file `identity` re-recorded the names this mount knows: when it has
+        more names than that, record a sweep (stale_links.py) to find the others and give them the change.
+        `replaced` are the caps the change took from the names (the first write's immutable one). Not recorded (a
+        full disk), the names not known keep what they have until the file's next change (the log says so)."""
+        if identity is None or inode.cap is None or len(inode.names) >= self._file_links(inode, self._fields(inode)):
+            return
+        metadata = self._folded_metadata(inode)
+        replaced_caps = [cap.to_string() for cap in replaced]
+        sweep = self.stale_links.new_sweep(identity, replaced_caps, inode.cap.to_string(), metadata)
+        try:
+            self.journal.append(sweep)
+        except OSError as exc:
+            log.warning("cannot record that a hard-linked file's other names are to be updated: %s", exc)
+            return
+        self.stale_links.apply(sweep)
+        self.link_sweeper.want()
+
+    def _swept(self, sweeps: list[LinkSweep]) -> None:
+        """These sweeps found their names: journal that, so that a restart does not walk for them again."""
+        for sweep in sweeps:
+            done = LinkSwept(sweep.identity)
+            self._record_progress(done)
+            self.stale_links.apply(done)
+        self._maybe_compact()
 
     def _settled(self, inode: Inode) -> bool:
         """Whether the inode's local copy, if any, holds nothing the grid lacks or nothing anyone can reach any more
@@ -505,20 +584,27 @@ class GridFilesystem:
     def _file_links(inode: Inode, fields: PosixFields) -> int:
         """st_nlink of a file, symlink or other non-directory: the count of names its entries keep, or the names
         this server knows it by if more. The count is what the last blackmatch mount that added or removed a name
-        recorded in the names it knew of: names another client adds or removes, or a name removed while some
-        others were never looked up, leave it stale (README, Limits)."""
+        recorded (in the names it knew of, and by a sweep in the others): names another client adds or removes,
+        and a link made while some names were not known, leave it stale in some names (README, Limits)."""
         return max(fields.link_count, len(inode.names)) if fields.link_id is not None else 1
 
-    def _change_fields(self, inode: Inode, fields: PosixFields, record: Callable[[], None] | None = None) -> None:
+    def _change_fields(
+        self, inode: Inode, fields: PosixFields, record: Callable[[], None] | None = None, sweep: bool = True
+    ) -> None:
         """Set the inode's fields and record the change (its entry re-recorded where it is, unless `record` does
-        something else: a rename records it at its new name); one that cannot be recorded is not made."""
+        something else: a rename records it at its new name); one that cannot be recorded is not made. The names
+        of a hard-linked file this mount does not know get the change from a sweep, unless `sweep` is False (a new
+        link, which must stay cheap: those names only miss the count going up)."""
         before = inode.metadata, inode.written_ns
+        identity = link_identity(inode.metadata)
         self._set_fields(inode, fields)
         try:
             (record or partial(self._touch, inode))()
         except FsError:
             inode.metadata, inode.written_ns = before
             raise
+        if sweep:
+            self._sweep_missed_names(inode, identity)
 
     def _folded_metadata(self, inode: Inode) -> dict[str, Any]:
         """The inode's metadata with the time of its last write in it (writes only note that time)."""
@@ -760,13 +846,15 @@ class GridFilesystem:
     def _maybe_compact(self) -> None:
         if not self.write_back.count() and not self.uploader.waiting():
             try:
-                self.journal.rewrite([])
+                self.journal.rewrite(self.stale_links.records())  # (sweeps keep the state they give in full)
             except OSError as exc:  # the journal as it was still replays to the same state
                 log.warning("cannot compact the journal: %s", exc)
 
     async def _replay_journal(self) -> None:
         """Put the changes a previous run left unpublished back in the queue, with inodes for the links."""
-        self.write_back.replay(self.journal.replay())
+        records = self.journal.replay()
+        self.write_back.replay(records)
+        self.stale_links.replay(records)
         content: dict[str, LocalFile] = {}  # one copy a local file, shared by the links (hard links) waiting for it
         for file_id in self.write_back.waiting_locals():
             local = self.local_files.existing(file_id)
@@ -907,7 +995,8 @@ class GridFilesystem:
                 if not had_copy:
                     self._release_local(inode)
                 raise
-            inode.shared_cap = shared
+            if shared is not None:
+                self._sweep_missed_names(inode, link_identity(inode.metadata), (shared,))
         return local
 
     # --- operations: lookup and attributes -------------------------------------------------------------------
@@ -1185,8 +1274,8 @@ class GridFilesystem:
         finds the one inode (the table of linked inodes, by identity). Linking costs no key and no upload, only
         the entries (the new name, and the count in the names known): a tree of files linked by `cp -al` or
         rsnapshot is as cheap as its directories. The first write through any name makes the file mutable
-        (`_writable_copy`), and every name known gets the mutable cap; a name not looked up since the mount
-        started gets it when next looked up while another name's inode is known."""
+        (`_writable_copy`), and every name known gets the mutable cap; the names not looked up since the mount
+        started get it from a sweep (link_sweep.py), never started by a link itself."""
         node = self.inodes[inode]
         if node.kind in (DIRECTORY, LOOP):
             raise FsError(errno.EPERM, "directories cannot be hard-linked")
@@ -1198,8 +1287,12 @@ class GridFilesystem:
         fields.link_id = fields.link_id or secrets.token_hex(16)
         fields.ctime_ns = time.time_ns()
         # The new name and the other names' new count in one record: refused, nothing changes; after a crash,
-        # all of them or none.
-        self._change_fields(node, fields, partial(self._touch, node, [*node.names, (directory, new_name)]))
+        # all of them or none. A link starts no sweep for the names not known (a tree linked by a backup must stay
+        # cheap), but joins one pending for the file, so that the names it finds get this link's count.
+        new_names = [*node.names, (directory, new_name)]
+        self._change_fields(
+            node, fields, partial(self._touch, node, new_names), sweep=fields.link_id in self.stale_links
+        )
         self._entries_changed(directory)
         if node.local is not None and node.local.dirty and node.local.writers == 0:
             self.uploader.queue(node.local)  # wanted again, if its upload was skipped while it had no name
@@ -1245,6 +1338,7 @@ class GridFilesystem:
         inode.written_ns = time.time_ns()
         if not was_dirty or not self._entry_pending(inode):
             self._touch(inode)
+            self._sweep_missed_names(inode, link_identity(inode.metadata))
 
     async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[int, Attributes]:
         directory = await self._new_entry_checks(parent, name)

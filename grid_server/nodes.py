@@ -51,9 +51,6 @@ class Inode:
     written_ns: int | None = None  # time of a write not yet folded into `metadata` (keeps writes cheap)
     local_seen: int = 0  # the parent's `reads` when `local` was made
     loop_target: str | None = None  # for a loop: the relative path to the directory it links ("." or "../..")
-    # for a hard-linked file made mutable by a write here: the immutable cap its names shared before, which a name
-    # not yet given the mutable cap still holds (any other cap there is content another client wrote)
-    shared_cap: Cap | None = None
 
     @property
     def parent(self) -> Directory | None:

@@ -748,6 +748,7 @@ def test_failing_uploads_and_publishes_are_state_not_loops(node, monkeypatch):
             "changes": 0,
             "uploads": {"waiting": 0, "in_flight": 0, "failing": []},
             "publishes": {"waiting": 0, "in_flight": 0, "failing": []},
+            "link_sweeps": {"pending": 0, "failing": []},
         }
         assert set(await grid_listing(fs, node[1])) == {"big.bin"}
 
