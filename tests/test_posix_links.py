@@ -138,3 +138,30 @@ def test_links_survive_remount_and_another_mount_sees_writes(cluster: StorageClu
         root_cap = mount.node.aliases()["tahoe"]
         with Mount(other_node, tmp_path / "other-mnt", "--root-cap", root_cap) as other:
             assert (other.mountpoint / "b" / "g").read_bytes() == b"first and second, third"
+
+
+def test_names_never_looked_up_follow_the_file(cluster: StorageCluster, tmp_path: Path) -> None:
+    """Three names in two directories. A remount writes through a/f alone; a mount of the same root from another
+    node (which never saw the write) reads the new content through b/g and removes it; after a remount with a wiped
+    cache, a/f and b/h, which the removing mount never looked up, count two names."""
+    node, mountpoint = cluster.create_node(tmp_path / "node", 3, 5, 10), tmp_path / "mnt"
+    other_node = cluster.create_node(tmp_path / "other", 3, 5, 10)
+    with Mount(node, mountpoint) as mount:
+        (mount.mountpoint / "a").mkdir()
+        (mount.mountpoint / "b").mkdir()
+        uploaded(mount.mountpoint / "a" / "f", b"first")
+        os.link(mount.mountpoint / "a" / "f", mount.mountpoint / "b" / "g")
+        os.link(mount.mountpoint / "a" / "f", mount.mountpoint / "b" / "h")
+        root_cap = mount.node.aliases()["tahoe"]
+    wipe_cache(node)
+    with Mount(node, mountpoint) as mount, open(mount.mountpoint / "a" / "f", "ab") as out:
+        out.write(b" and second")
+    with Mount(other_node, tmp_path / "other-mnt", "--root-cap", root_cap) as other:
+        g = other.mountpoint / "b" / "g"
+        assert g.read_bytes() == b"first and second" and stat_fields(g, "nlink") == {"nlink": 3}
+        os.unlink(g)
+    wipe_cache(node)
+    with Mount(node, mountpoint) as mount:
+        f, h = mount.mountpoint / "a" / "f", mount.mountpoint / "b" / "h"
+        assert stat_fields(f, "nlink") == {"nlink": 2} and stat_fields(h, "nlink") == {"nlink": 2}
+        assert h.read_bytes() == b"first and second" and names_of_one_file(f, h)[1]
