@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -484,23 +483,16 @@ class GridFilesystem:
             self.inodes.index_link(inode)
             raise
 
-    def _sweep_missed_names(self, inode: Inode, identity: str | None, replaced: tuple[Cap, ...] = ()) -> None:
-        """After a change of the hard-linked file `identity` re-recorded the names this mount knows: when it has
-        more names than that, record a sweep (stale_links.py) to find the others and give them the change.
-        `replaced` are the caps the change took from the names (the first write's immutable one). Not recorded (a
-        full disk), the names not known keep what they have until the file's next change (the log says so)."""
-        if identity is None or inode.cap is None or len(inode.names) >= self._file_links(inode, self._fields(inode)):
-            return
-        metadata = self._folded_metadata(inode)
+    def _missed_names_sweep(
+        self, inode: Inode, identity: str | None, known: int, replaced: tuple[Cap, ...]
+    ) -> LinkSweep | None:
+        """The sweep (stale_links.py) a change of the hard-linked file `identity` needs when it re-records only
+        `known` names and the file has more: the others are to be found and given the change. `replaced` are the
+        caps the change took from the names (the first write's immutable one)."""
+        if identity is None or inode.cap is None or known >= self._file_links(inode, self._fields(inode)):
+            return None
         replaced_caps = [cap.to_string() for cap in replaced]
-        sweep = self.stale_links.new_sweep(identity, replaced_caps, inode.cap.to_string(), metadata)
-        try:
-            self.journal.append(sweep)
-        except OSError as exc:
-            log.warning("cannot record that a hard-linked file's other names are to be updated: %s", exc)
-            return
-        self.stale_links.apply(sweep)
-        self.link_sweeper.want()
+        return self.stale_links.new_sweep(identity, replaced_caps, inode.cap.to_string(), self._folded_metadata(inode))
 
     def _swept(self, sweeps: list[LinkSweep]) -> None:
         """These sweeps found their names: journal that, so that a restart does not walk for them again."""
@@ -589,22 +581,19 @@ class GridFilesystem:
         return max(fields.link_count, len(inode.names)) if fields.link_id is not None else 1
 
     def _change_fields(
-        self, inode: Inode, fields: PosixFields, record: Callable[[], None] | None = None, sweep: bool = True
+        self, inode: Inode, fields: PosixFields, names: list[tuple[Directory, str]] | None = None, sweep: bool = True
     ) -> None:
-        """Set the inode's fields and record the change (its entry re-recorded where it is, unless `record` does
-        something else: a rename records it at its new name); one that cannot be recorded is not made. The names
-        of a hard-linked file this mount does not know get the change from a sweep, unless `sweep` is False (a new
-        link, which must stay cheap: those names only miss the count going up)."""
+        """Set the inode's fields and record the change at its names (`_touch`; a rename and a link give the names
+        it has after them); one that cannot be recorded is not made. The names of a hard-linked file this mount
+        does not know get the change from a sweep, unless `sweep` is False (a new link, which must stay cheap)."""
         before = inode.metadata, inode.written_ns
         identity = link_identity(inode.metadata)
         self._set_fields(inode, fields)
         try:
-            (record or partial(self._touch, inode))()
+            self._touch(inode, names, sweep_for=identity if sweep else None)
         except FsError:
             inode.metadata, inode.written_ns = before
             raise
-        if sweep:
-            self._sweep_missed_names(inode, identity)
 
     def _folded_metadata(self, inode: Inode) -> dict[str, Any]:
         """The inode's metadata with the time of its last write in it (writes only note that time)."""
@@ -727,13 +716,21 @@ class GridFilesystem:
         self._record_change(self.write_back.new_removal(directory.key, name))
         self.publisher.want(directory.key)
 
-    def _record_change(self, *changes: Change) -> None:
-        """Journal changes, then make them pending. Several go as one `Together` record: after a crash, a replay
-        finds all of them or none."""
+    def _record_change(self, *changes: Change, sweep: LinkSweep | None = None) -> None:
+        """Journal changes (and the sweep that is to carry them to names not known), then make them pending.
+        Several go as one `Together` record: after a crash, a replay finds all of them or none."""
+        record: Record = Together(changes, sweep)
+        if not changes and sweep is not None:
+            record = sweep
+        elif len(changes) == 1 and sweep is None:
+            record = changes[0]
         with local_disk("cannot record the change"):
-            self.journal.append(changes[0] if len(changes) == 1 else Together(changes))
+            self.journal.append(record)
         for change in changes:
             self.write_back.apply(change)
+        if sweep is not None:
+            self.stale_links.apply(sweep)
+            self.link_sweeper.want()
 
     def _enter_new(self, directory: Directory, name: str, inode: Inode) -> None:
         """Give a new inode its entry. One that cannot be recorded (a full disk) lets the inode and its local copy
@@ -751,9 +748,17 @@ class GridFilesystem:
         if inode.local is not None:
             self._release_local(inode)
 
-    def _touch(self, inode: Inode, names: list[tuple[Directory, str]] | None = None) -> None:
+    def _touch(
+        self,
+        inode: Inode,
+        names: list[tuple[Directory, str]] | None = None,
+        sweep_for: str | None = None,
+        replaced: tuple[Cap, ...] = (),
+    ) -> None:
         """Re-record the inode's entries (at `names`, default all it is known by) after its content or attributes
-        changed: every name of a hard-linked file shows them. Names in read-only directories (or on a read-only
+        changed: every name of a hard-linked file shows them, and those of its names this mount does not know get
+        them from a sweep, recorded with them, when `sweep_for` is the file's link identity (before the change;
+        `replaced`: caps the change took from the names). Names in read-only directories (or on a read-only
         mount) cannot change, and keep what they have. The root, which has no entry, keeps its metadata in its
         state directory."""
         if self.readonly:
@@ -762,10 +767,12 @@ class GridFilesystem:
             self._save_root()
         # One journal record for all the names: after a crash, every name has the change or none has, so a
         # replay never splits the names of one file between two contents.
-        where = [(d, n) for d, n in (inode.names if names is None else names) if not d.cap.is_readonly]
+        known = inode.names if names is None else names
+        where = [(d, n) for d, n in known if not d.cap.is_readonly]
         changes = [self._new_link(directory, name, inode) for directory, name in where]
-        if changes:
-            self._record_change(*changes)
+        sweep = self._missed_names_sweep(inode, sweep_for, len(known), replaced)
+        if changes or sweep is not None:
+            self._record_change(*changes, sweep=sweep)
             for (directory, name), change in zip(where, changes, strict=True):
                 self._linked(directory, name, inode, change)
 
@@ -989,14 +996,14 @@ class GridFilesystem:
             inode.cap = cap
             local.mark_dirty()  # the content is not at the new cap yet
             try:
-                self._touch(inode)
+                self._touch(
+                    inode, sweep_for=link_identity(inode.metadata), replaced=() if shared is None else (shared,)
+                )
             except FsError:  # not recorded (a full disk): the names keep the content they share
                 inode.cap = shared
                 if not had_copy:
                     self._release_local(inode)
                 raise
-            if shared is not None:
-                self._sweep_missed_names(inode, link_identity(inode.metadata), (shared,))
         return local
 
     # --- operations: lookup and attributes -------------------------------------------------------------------
@@ -1256,7 +1263,7 @@ class GridFilesystem:
         fields = self._fields(inode)
         fields.ctime_ns = time.time_ns()
         names = [where for where in inode.names if where != (source_dir, name_old)] + [(target_dir, name_new)]
-        self._change_fields(inode, fields, partial(self._touch, inode, names))
+        self._change_fields(inode, fields, names)
         if replaced is not None:
             self._name_removed(replaced, target_dir, name_new)
         self._unname(inode, source_dir, name_old)
@@ -1290,9 +1297,7 @@ class GridFilesystem:
         # all of them or none. A link starts no sweep for the names not known (a tree linked by a backup must stay
         # cheap), but joins one pending for the file, so that the names it finds get this link's count.
         new_names = [*node.names, (directory, new_name)]
-        self._change_fields(
-            node, fields, partial(self._touch, node, new_names), sweep=fields.link_id in self.stale_links
-        )
+        self._change_fields(node, fields, new_names, sweep=fields.link_id in self.stale_links)
         self._entries_changed(directory)
         if node.local is not None and node.local.dirty and node.local.writers == 0:
             self.uploader.queue(node.local)  # wanted again, if its upload was skipped while it had no name
@@ -1337,8 +1342,7 @@ class GridFilesystem:
         local file (the case on every write after the first, which then costs no metadata work)."""
         inode.written_ns = time.time_ns()
         if not was_dirty or not self._entry_pending(inode):
-            self._touch(inode)
-            self._sweep_missed_names(inode, link_identity(inode.metadata))
+            self._touch(inode, sweep_for=link_identity(inode.metadata))
 
     async def create(self, parent: int, name: str, mode: int, flags: int, caller: Caller) -> tuple[int, Attributes]:
         directory = await self._new_entry_checks(parent, name)

@@ -8,7 +8,8 @@ must replay after an upgrade):
      "cap": CAP or null, "local": ID or null}                                     NAME linked to an entry
     {"op": "uploaded", "local": ID, "cap": CAP}                                   a local file's content is on the grid
     {"op": "published", "seqs": [N, ...]}                                         those changes are on the grid
-    {"op": "together", "changes": [SET, SET, ...]}                                 "set" records made as one
+    {"op": "together", "changes": [SET, SET, ...], "sweep": SWEEP}                 "set" records made as one (and
+                                                                                  optionally a sweep with them)
     {"op": "sweep", "id": ID, "replaced": [CAP, ...], "cap": CAP, "meta": {...}}  names of link ID to bring up to date
     {"op": "swept", "id": ID}                                                     every name of link ID was found
 
@@ -69,13 +70,6 @@ class Published:
 
 
 @dataclass(frozen=True)
-class Together:
-    """Changes made as one: after a crash, all of them or none are pending (a RENAME_EXCHANGE swaps two names)."""
-
-    changes: tuple[Change, ...]
-
-
-@dataclass(frozen=True)
 class LinkSweep:
     """A hard-linked file (link identity `identity`) changed while this mount knew fewer of its names than it has: a
     name of it found holding one of the caps in `replaced`, or `cap` with an older ctime than `metadata` has, missed
@@ -92,6 +86,16 @@ class LinkSwept:
     """Every name of the hard-linked file `identity` was found (or the whole tree walked) since its last sweep."""
 
     identity: str
+
+
+@dataclass(frozen=True)
+class Together:
+    """Changes made as one: after a crash, all of them or none are pending (a RENAME_EXCHANGE swaps two names). A
+    change of a hard-linked file carries the sweep for its names not known in the same line, so that no crash
+    leaves the names known changed and the others without a sweep to follow."""
+
+    changes: tuple[Change, ...]
+    sweep: LinkSweep | None = None
 
 
 Record = Link | Removal | Uploaded | Published | Together | LinkSweep | LinkSwept
@@ -122,7 +126,10 @@ def serialize_record(record: Record) -> dict[str, Any]:
         case Published():
             return {"op": "published", "seqs": list(record.seqs)}
         case Together():
-            return {"op": "together", "changes": [serialize_record(change) for change in record.changes]}
+            changes = [serialize_record(change) for change in record.changes]
+            if record.sweep is None:
+                return {"op": "together", "changes": changes}
+            return {"op": "together", "changes": changes, "sweep": serialize_record(record.sweep)}
         case LinkSweep():
             return {
                 "op": "sweep",
@@ -164,7 +171,10 @@ def parse_record(raw: object) -> Record:
             changes.append(change)
         if not changes:
             raise MalformedRecord("together: no changes")
-        return Together(tuple(changes))
+        sweep = parse_record(raw["sweep"]) if "sweep" in raw else None
+        if sweep is not None and not isinstance(sweep, LinkSweep):
+            raise MalformedRecord("together: holds a sweep that is not one")
+        return Together(tuple(changes), sweep)
     if op == "sweep":
         replaced = _field(raw, "replaced", list)
         if not all(type(cap) is str for cap in replaced):

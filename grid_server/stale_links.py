@@ -10,9 +10,9 @@ content another client wrote at that name, which is left alone. The walk of link
 lookup of a stale name (the walk's or the kernel's) brings it up to date on the way.
 
 A later change of the same file while its sweep is pending merges into it: the cap it replaced joins `replaced`,
-and its state becomes the one to give. The filesystem journals each record this core returns before applying it,
-and replays them after a restart, so a sweep resumes where the last run left it; `records` is what a compacted
-journal keeps.
+and its state becomes the one to give. The filesystem journals each record this core returns (in the line of the
+change it follows) before applying it, and replays them after a restart, so a sweep resumes where the last run
+left it; `records` is what a compacted journal keeps.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from lafs_core.caps import Cap
 
-from .journal_records import LinkSweep, LinkSwept, Record
+from .journal_records import LinkSweep, LinkSwept, Record, Together
 from .metadata import change_time_ns, link_count, link_identity
 
 
@@ -53,6 +53,8 @@ class StaleLinks:
         for record in records:
             if isinstance(record, LinkSweep | LinkSwept):
                 self.apply(record)
+            elif isinstance(record, Together) and record.sweep is not None:
+                self.apply(record.sweep)
 
     def stale(self, cap: Cap | None, metadata: Mapping[str, Any]) -> LinkSweep | None:
         """The pending sweep an entry (or an inode made from one) with this cap and metadata missed, if any."""

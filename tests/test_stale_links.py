@@ -6,7 +6,15 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grid_server.journal_records import LinkSweep, LinkSwept, MalformedRecord, parse_record, serialize_record
+from grid_server.journal_records import (
+    Link,
+    LinkSweep,
+    LinkSwept,
+    MalformedRecord,
+    Together,
+    parse_record,
+    serialize_record,
+)
 from grid_server.metadata import PosixFields, with_posix_fields
 from grid_server.stale_links import StaleLinks
 from lafs_core.caps import LiteralCap
@@ -63,12 +71,15 @@ def test_replay_reaches_the_same_pending_sweeps() -> None:
         record = live.new_sweep(identity, [OLD.to_string()], NEW.to_string(), entry_metadata(ctime, identity=identity))
         live.apply(record)
         records.append(record)
+    with_change = live.new_sweep("ef" * 16, [], NEW.to_string(), entry_metadata(100, identity="ef" * 16))
+    live.apply(with_change)
+    records.append(Together((Link(1, "URI:DIR2:a:b", "f", "file", {}, NEW.to_string(), None),), with_change))
     done = LinkSwept("cd" * 16)
     live.apply(done)
     records.append(done)
     replayed = StaleLinks()
     replayed.replay(parse_record(serialize_record(record)) for record in records)
-    assert replayed.pending() == live.pending() and list(replayed.pending()) == [IDENTITY]
+    assert replayed.pending() == live.pending() and sorted(replayed.pending()) == [IDENTITY, "ef" * 16]
     compacted = StaleLinks()
     compacted.replay(live.records())
     assert compacted.pending() == live.pending()
@@ -79,8 +90,9 @@ names = st.text(alphabet="0123456789abcdef", min_size=1, max_size=32)
 
 @given(identity=names, replaced=st.lists(names, max_size=3), cap=names, count=st.integers(1, 10**6))
 def test_sweep_records_round_trip(identity: str, replaced: list[str], cap: str, count: int) -> None:
-    for record in (LinkSweep(identity, tuple(replaced), cap, {"blackmatch": {"link": {"count": count}}}),
-                   LinkSwept(identity)):  # fmt: skip
+    sweep = LinkSweep(identity, tuple(replaced), cap, {"blackmatch": {"link": {"count": count}}})
+    change = Link(count, "URI:DIR2:a:b", identity, "file", {}, cap, None)
+    for record in (sweep, LinkSwept(identity), Together((change,), sweep), Together((change, change))):
         assert parse_record(serialize_record(record)) == record
 
 
@@ -90,6 +102,11 @@ def test_malformed_sweep_records_are_refused() -> None:
         {"op": "sweep", "id": IDENTITY, "replaced": [], "cap": None, "meta": {}},
         {"op": "sweep", "replaced": [], "cap": "URI:LIT:", "meta": {}},
         {"op": "swept"},
+        {
+            "op": "together",
+            "changes": [{"op": "set", "seq": 1, "dir": "d", "name": "n"}],
+            "sweep": {"op": "swept", "id": IDENTITY},
+        },
     ):
         try:
             parse_record(raw)
