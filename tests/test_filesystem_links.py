@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -16,7 +17,7 @@ from grid_server.filesystem import GridFilesystem, open_filesystem
 from grid_server.metadata import link_count, link_identity
 from grid_server.operations import ROOT_INODE, AttrChanges
 from lafs_core.caps import LiteralCap, parse_cap
-from lafs_core.dirnode import DirEntry
+from lafs_core.dirnode import DirEntry, child_entry
 from lafs_core.grid.directory import linker, modify_directory, read_directory
 from lafs_core.grid.mutable_io import retrieve
 
@@ -363,6 +364,35 @@ def test_removing_a_name_updates_the_count_of_names_never_looked_up(node):
 
     for body in (make, remove("a", "f"), two_left, remove("b", "n2"), one_left):
         run(node, body)
+
+
+def test_a_chmod_reaches_a_name_never_looked_up_but_not_a_later_change(node, monkeypatch):
+    """chmod through a/f on a later run: b/n1 (the same cap with an older ctime) gets the mode on the grid; b/n2,
+    which another mount changed after the chmod but before the walk (a later ctime), keeps its own change."""
+    from grid_server import link_sweep
+
+    async def make(fs: GridFilesystem) -> None:
+        await linked_in_two_directories(fs, b"content " * 10, names=3)
+
+    def changed_later(children: dict) -> dict:
+        old = children["n2"]
+        metadata = {**old.metadata, "blackmatch": {**old.metadata["blackmatch"], "mode": 0o640}}
+        metadata["blackmatch"]["ctime_ns"] = time.time_ns()
+        children["n2"] = child_entry(old.cap, metadata)
+        return children
+
+    async def chmod(fs: GridFilesystem) -> None:
+        a = await fs.lookup(ROOT_INODE, "a")
+        f = await fs.lookup(a.inode, "f")
+        await fs.setattr(f.inode, AttrChanges(mode=0o600), None)
+        await modify_directory(fs.grid, (await entry(fs, "b")).cap, changed_later)
+        assert await fs.drain()  # the walk, held back until now
+        modes = {name: (await entry(fs, "b", name)).metadata["blackmatch"]["mode"] for name in ("n1", "n2")}
+        assert modes == {"n1": 0o600, "n2": 0o640}, modes
+
+    run(node, make)
+    monkeypatch.setattr(link_sweep, "SWEEP_COALESCE", math.inf)
+    run(node, chmod)
 
 
 def test_a_name_another_client_rewrote_is_left_alone(node):
