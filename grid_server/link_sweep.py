@@ -3,17 +3,20 @@
 
 The policy:
 - A walk starts SWEEP_COALESCE seconds after a sweep is recorded, so that `rm -r` of a tree of linked files (a
-  sweep per file) costs one walk; at once when a drain asks. Making a link never records a sweep.
+  sweep per file) costs one walk; at once when a drain asks.
 - It serves every sweep pending when it starts. It reads each directory once, through the directory views as a
   lookup does, and descends into its subdirectories (a directory reached twice, by a Tahoe directory loop or a
   second link, is read once). It stops once every sweep it serves has found as many names as its file has, or the
   tree is walked. Only the names carrying a served identity become inodes, through `visit` (the filesystem's
   lookup path, which brings a stale name up to date); `let_go` releases them after the walk. The rest of the tree
-  costs a listing read per directory, and no memory once walked.
+  costs a listing read per directory, and no memory once the walk ends.
 - A served sweep is done (`swept`) when its names were all found or the whole tree was walked, unless a later change
   of the file merged into it meanwhile: then the next walk serves it again.
-- A walk that fails (a directory that cannot be read) is kept as a failure (retries.py) and tried again after its
-  back-off, not sooner; a sweep whose names it had all found before failing is done all the same.
+- A walk that fails (a directory that cannot be read, a full disk) is kept as a failure (retries.py) and tried
+  again after its back-off, not sooner for new sweeps, at once for a drain; a sweep whose names it had all found
+  before failing is done all the same. Memory while walking: the directories read (their read caps) and those
+  still to read.
+- Making a link never records a sweep (a backup links whole trees): at most it joins one pending for its file.
 """
 
 from __future__ import annotations
