@@ -53,6 +53,7 @@ from grid_server.failures import log_failure
 from grid_server.filesystem import FilesystemOptions
 from grid_server.operations import FsError, Operations
 from grid_server.pid_lock import PidLock, lock_held_on
+from lafs_core import sizes
 from lafs_core.caps import ChkVerifierCap, DirectoryCap, MutableVerifierCap, parse_known_cap
 from lafs_core.errors import LafsError, sole_exception
 from lafs_core.grid.nodedir import NodeDirectory
@@ -158,15 +159,12 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def parse_size(text: str) -> int:
-    """A byte count: digits with an optional binary suffix K, M, G or T (also KiB, MB, ...)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}")
-    return int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).upper()]
+    """A byte count for argparse (lafs_core.sizes: digits with an optional suffix K, M, G or T)."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # --- transports ------------------------------------------------------------------------------------------------
