@@ -56,6 +56,9 @@ class RepairResult:
     happiness_after: int = 0
     reason: str = ""
     """Why the repair did not succeed, in one line; empty when it did."""
+    size: int = 0
+    """Bytes of the file the repair read to encode again (0 when it stopped before reading): its cost to the
+    network, which background repair paces itself by."""
 
 
 def shares_of(holdings: Mapping[str, set[int]]) -> dict[int, frozenset[str]]:
@@ -79,7 +82,7 @@ def _shortfall(holdings: Mapping[str, set[int]], total: int, happy: int) -> str:
     return ""
 
 
-def _failed(name: str, before: int, raised: BaseException) -> RepairResult:
+def _failed(name: str, before: int, raised: BaseException, size: int) -> RepairResult:
     """The result of a repair that a LafsError stopped (raised again if it was anything else)."""
     failure = sole_exception(raised)
     if not isinstance(failure, LafsError):
@@ -88,7 +91,7 @@ def _failed(name: str, before: int, raised: BaseException) -> RepairResult:
     if isinstance(failure, NotEnoughSharesError | UnrecoverableFileError):
         reason = f"unrecoverable: {reason}"
     log.warning("repair of %s failed: %s", name, reason)
-    return RepairResult(True, False, happiness_before=before, happiness_after=before, reason=reason)
+    return RepairResult(True, False, happiness_before=before, happiness_after=before, reason=reason, size=size)
 
 
 async def repair_immutable(
@@ -130,12 +133,12 @@ async def repair_immutable(
             encoder = ChkEncoder(cap.key, params, expected=cap)
             uploaded = await upload_encoded(grid, encoder, file_chunks(staged), goal)
     except (LafsError, BaseExceptionGroup) as raised:
-        return _failed(name, before, raised)
+        return _failed(name, before, raised, cap.size)
     after = happiness(uploaded.holdings)
     shortfall = _shortfall(uploaded.holdings, cap.total, happy)
     placed = {shnum: frozenset({server_id}) for shnum, server_id in sorted(uploaded.written.items())}
     log.info("repaired %s: %d shares placed, happiness %d -> %d", name, len(placed), before, after)
-    return RepairResult(True, not shortfall, placed, before, after, shortfall)
+    return RepairResult(True, not shortfall, placed, before, after, shortfall, cap.size)
 
 
 def _version_holdings(servermap: ServerMap) -> dict[str, set[int]]:
@@ -195,20 +198,23 @@ async def repair_mutable(grid: Grid, cap: AnyMutableCap | DirectoryCap, *, force
     if not problem:
         return RepairResult(False, True, happiness_before=before, happiness_after=before)
     log.info("repairing %s: %s", name, problem)
+    plaintext = b""
     try:
         plaintext, servermap, version = await retrieve(grid, file_cap)
         refusal = _refusal(servermap)
         if refusal and not force:
-            return RepairResult(True, False, happiness_before=before, happiness_after=before, reason=refusal)
+            return RepairResult(
+                True, False, happiness_before=before, happiness_after=before, reason=refusal, size=len(plaintext)
+            )
         keys = await writer_keys(grid, file_cap, servermap)
         file_format = MDMF if isinstance(file_cap, MdmfWriteCap) else SDMF
         published = await publish_version(grid, keys, plaintext, servermap, file_format, version.needed, version.total)
     except (LafsError, BaseExceptionGroup) as raised:
-        return _failed(name, before, raised)
+        return _failed(name, before, raised, len(plaintext))
     after = happiness(published.written)
     shortfall = _shortfall(published.written, version.total, min(grid.encoding.happy, version.total))
     log.info("repaired %s: republished as version %d, happiness %d -> %d", name, published.prefix.seqnum, before, after)
-    return RepairResult(True, not shortfall, shares_of(published.written), before, after, shortfall)
+    return RepairResult(True, not shortfall, shares_of(published.written), before, after, shortfall, len(plaintext))
 
 
 @dataclass(frozen=True)
