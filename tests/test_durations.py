@@ -1,4 +1,4 @@
-"""Tahoe's duration syntax, and the lease-renewal settings of tahoe.cfg that use it."""
+"""Tahoe's duration syntax, and the lease-renewal and background-repair settings of tahoe.cfg."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lafs_core.durations import DAY, MONTH, UNITS, YEAR, parse_duration
-from lafs_core.grid.nodedir import DEFAULT_RENEWAL_INTERVAL, NodeDirectory, NodeDirectoryError
+from lafs_core.grid.nodedir import (
+    DEFAULT_RENEWAL_INTERVAL,
+    DEFAULT_REPAIR_BANDWIDTH,
+    NodeDirectory,
+    NodeDirectoryError,
+)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +83,38 @@ def test_renewal_settings(tmp_path: Path, section: str, interval: int | None, ra
     ],
 )
 def test_bad_renewal_settings_are_one_line_naming_the_setting(tmp_path: Path, section: str, message: str) -> None:
+    with pytest.raises(NodeDirectoryError) as raised:
+        node_with(tmp_path, section).lease_renewal()
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "repair", "bandwidth"),
+    [
+        ("", False, DEFAULT_REPAIR_BANDWIDTH),
+        ("repair.background = true\n", True, DEFAULT_REPAIR_BANDWIDTH),
+        ("repair.background = yes\nrepair.bandwidth = 512K\n", True, 512 << 10),
+        ("repair.background = off\nrepair.bandwidth = 100000\n", False, 100_000),
+    ],
+)
+def test_background_repair_settings(tmp_path: Path, section: str, repair: bool, bandwidth: int) -> None:
+    settings = node_with(tmp_path, section).lease_renewal()
+    assert (settings.repair, settings.repair_bandwidth) == (repair, bandwidth)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("repair.background = sometimes\n", "tahoe.cfg: [blackmatch] repair.background = 'sometimes': use true or"),
+        ("repair.bandwidth = 0\n", "tahoe.cfg: [blackmatch] repair.bandwidth = '0': use bytes a second, above 0"),
+        ("repair.bandwidth = fast\n", "tahoe.cfg: [blackmatch] repair.bandwidth = 'fast': use bytes a second"),
+        (
+            "repair.background = true\nlease.renewal_interval = off\n",
+            "tahoe.cfg: [blackmatch] repair.background needs lease renewal",
+        ),
+    ],
+)
+def test_bad_repair_settings_are_one_line_naming_the_setting(tmp_path: Path, section: str, message: str) -> None:
     with pytest.raises(NodeDirectoryError) as raised:
         node_with(tmp_path, section).lease_renewal()
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)

@@ -1,7 +1,8 @@
 """A node directory, compatible with a Tahoe client's: `tahoe.cfg`, secrets, aliases and storage servers.
 
     tahoe.cfg                                  [client] shares.needed / shares.happy / shares.total,
-                                               [blackmatch] lease.renewal_interval / lease.renewal_rate
+                                               [blackmatch] lease.renewal_interval / lease.renewal_rate,
+                                               repair.background / repair.bandwidth
     private/convergence, private/secret        the convergence and lease secrets, base32
     private/aliases                            `name: URI:DIR2:...` per line
     private/servers.yaml                       static servers: Tahoe's format, plus `local: PATH` entries
@@ -28,12 +29,14 @@ import yaml
 from .. import base32
 from ..durations import DAY, parse_duration
 from ..errors import LafsError
+from ..sizes import parse_size
 
 DEFAULT_NEEDED = 3
 DEFAULT_HAPPY = 7
 DEFAULT_TOTAL = 10
 DEFAULT_RENEWAL_INTERVAL = 7 * DAY  # Tahoe advises renewing weekly: leases last 31 days
 DEFAULT_RENEWAL_RATE = 1.0  # objects a second: a tree of 100,000 objects takes a day, a small part of a week
+DEFAULT_REPAIR_BANDWIDTH = 1 << 20  # bytes a second of files repaired in the background: a trickle beside a user's
 
 
 class NodeDirectoryError(LafsError):
@@ -53,10 +56,13 @@ class EncodingConfig:
 
 @dataclass(frozen=True)
 class LeaseRenewalConfig:
-    """How the grid server renews the leases of what its mounted roots reach."""
+    """How the grid server renews the leases of what its mounted roots reach, and whether the same cycle also
+    checks each object and repairs unhealthy ones (background health, off unless asked for)."""
 
     interval: int | None = DEFAULT_RENEWAL_INTERVAL  # seconds from the end of one cycle to the next; None: off
     rate: float = DEFAULT_RENEWAL_RATE  # objects renewed a second at most, so a big tree is a trickle
+    repair: bool = False
+    repair_bandwidth: int = DEFAULT_REPAIR_BANDWIDTH  # bytes of repaired files a second, on average at most
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,8 @@ class NodeDirectory:
 
     def lease_renewal(self) -> LeaseRenewalConfig:
         """`[blackmatch] lease.renewal_interval` (a Tahoe duration, "0" or "off" for none; default 7 days) and
-        `lease.renewal_rate` (objects a second, default 1)."""
+        `lease.renewal_rate` (objects a second, default 1); `repair.background` (default false) and
+        `repair.bandwidth` (bytes a second, default 1M)."""
         config = self.config()
         interval_text = config.get("blackmatch", "lease.renewal_interval", fallback="").strip()
         interval: int | None = DEFAULT_RENEWAL_INTERVAL
@@ -153,7 +160,25 @@ class NodeDirectory:
                 raise NodeDirectoryError(
                     f"tahoe.cfg: [blackmatch] lease.renewal_rate = {rate_text!r}: use objects a second, above 0"
                 )
-        return LeaseRenewalConfig(interval, rate)
+        repair = _boolean(config, "blackmatch", "repair.background")
+        if repair and interval is None:
+            raise NodeDirectoryError(
+                "tahoe.cfg: [blackmatch] repair.background needs lease renewal: it checks what a renewal cycle "
+                "visits, and lease.renewal_interval is off"
+            )
+        bandwidth_text = config.get("blackmatch", "repair.bandwidth", fallback="").strip()
+        bandwidth = DEFAULT_REPAIR_BANDWIDTH
+        if bandwidth_text:
+            try:
+                bandwidth = parse_size(bandwidth_text)
+            except ValueError:
+                bandwidth = 0
+            if bandwidth <= 0:
+                raise NodeDirectoryError(
+                    f"tahoe.cfg: [blackmatch] repair.bandwidth = {bandwidth_text!r}: use bytes a second, above 0 "
+                    "(suffixes K, M, G)"
+                )
+        return LeaseRenewalConfig(interval, rate, repair, bandwidth)
 
     # --- secrets ---------------------------------------------------------------------------------------------
     def _secret(self, name: str) -> bytes:
@@ -209,6 +234,16 @@ class NodeDirectory:
             for spec in parse_announcement_list(_load_yaml(cache) or []):
                 specs.setdefault(spec.server_id, spec)
         return list(specs.values())
+
+
+def _boolean(config: configparser.ConfigParser, section: str, key: str) -> bool:
+    """A yes/no setting (true, false, yes, no, on, off, 1, 0, as Tahoe reads them); false when absent."""
+    try:
+        return config.getboolean(section, key, fallback=False)
+    except ValueError:
+        raise NodeDirectoryError(
+            f"tahoe.cfg: [{section}] {key} = {config.get(section, key)!r}: use true or false"
+        ) from None
 
 
 def _config_error(cfg: Path, exc: configparser.Error) -> str:
