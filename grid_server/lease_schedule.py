@@ -30,13 +30,17 @@ FORMAT = 1  # the saved state's version
 class Tally:
     """What a cycle found: objects whose leases every answering server renewed, objects some server failed to
     renew, objects with nothing stored to renew (literal ones), the servers (by nickname) that failed, and the
-    directories that could not be listed (their children went unrenewed)."""
+    directories that could not be listed (their children went unrenewed). With background repair: objects found
+    unhealthy and repaired, and those whose repair failed (by path; they are tried again next cycle, not sooner).
+    """
 
     renewed: int = 0
     errors: int = 0
     skipped: int = 0
     failed_servers: frozenset[str] = frozenset()
     unlisted: tuple[Path, ...] = ()
+    repaired: int = 0
+    repair_failed: tuple[Path, ...] = ()
 
     @property
     def objects(self) -> int:
@@ -96,14 +100,19 @@ def is_done(running: Running, path: Path) -> bool:
     return running.position is not None and path <= running.position
 
 
-def renewed(running: Running, path: Path, failed_servers: Iterable[str]) -> Running:
-    """The object at `path` was renewed on every server but `failed_servers`."""
+def renewed(running: Running, path: Path, failed_servers: Iterable[str], repaired: bool | None = None) -> Running:
+    """The object at `path` was renewed on every server but `failed_servers`; and, when `repaired` is not None,
+    found unhealthy and repaired (True) or not (False)."""
     failed = frozenset(failed_servers)
     tally = running.tally
     if failed:
         tally = replace(tally, errors=tally.errors + 1, failed_servers=tally.failed_servers | failed)
     else:
         tally = replace(tally, renewed=tally.renewed + 1)
+    if repaired:
+        tally = replace(tally, repaired=tally.repaired + 1)
+    elif repaired is not None:
+        tally = replace(tally, repair_failed=(*tally.repair_failed, path))  # paths only grow: still sorted
     return replace(running, position=path, tally=tally)
 
 
@@ -172,6 +181,8 @@ def tally_json(tally: Tally) -> dict[str, Any]:
         "skipped": tally.skipped,
         "failed_servers": sorted(tally.failed_servers),
         "unlisted": [list(path) for path in tally.unlisted],
+        "repaired": tally.repaired,
+        "repair_failed": [list(path) for path in tally.repair_failed],
     }
 
 
@@ -192,8 +203,16 @@ def _tally(saved: Any) -> Tally:
     if not isinstance(servers, list) or not all(isinstance(server, str) for server in servers):
         raise ValueError("failed servers are not names")
     unlisted_paths = tuple(sorted({_path(path) for path in saved["unlisted"]}))
+    # Saved before background repair existed: no repair counts, none done.
+    repair_failed = tuple(sorted({_path(path) for path in saved.get("repair_failed", [])}))
     return Tally(
-        _count(saved["renewed"]), _count(saved["errors"]), _count(saved["skipped"]), frozenset(servers), unlisted_paths
+        _count(saved["renewed"]),
+        _count(saved["errors"]),
+        _count(saved["skipped"]),
+        frozenset(servers),
+        unlisted_paths,
+        _count(saved.get("repaired", 0)),
+        repair_failed,
     )
 
 

@@ -34,7 +34,8 @@ from grid_server.lease_schedule import (
 DAY = 86400
 
 LITERAL = "literal"
-Outcome = frozenset[str] | str  # the servers that failed to renew the object, or LITERAL (nothing stored)
+Outcome = tuple[frozenset[str], bool | None] | str
+"""The servers that failed to renew the object and what background repair did (None: nothing), or LITERAL."""
 
 
 def saved_and_loaded(schedule: Schedule) -> Schedule | None:
@@ -62,15 +63,25 @@ def test_outcomes_are_tallied_and_unlisted_directories_noted_once() -> None:
     running = unlisted(unlisted(running, ("a",)), ("a",))
     running = skipped(running, ("b",))
     running = renewed(running, ("c",), ["beta", "alpha"])
+    running = renewed(running, ("d",), [], repaired=True)
+    running = renewed(running, ("e",), [], repaired=False)
     assert running.tally == Tally(
-        renewed=1, errors=2, skipped=1, failed_servers=frozenset({"alpha", "beta"}), unlisted=(("a",),)
+        renewed=3,
+        errors=2,
+        skipped=1,
+        failed_servers=frozenset({"alpha", "beta"}),
+        unlisted=(("a",),),
+        repaired=1,
+        repair_failed=(("e",),),
     )
-    assert running.tally.objects == 4 and running.position == ("c",)
-    assert is_done(running, ("a", "z")) and is_done(running, ("c",)) and not is_done(running, ("c", "d"))
+    assert running.tally.objects == 6 and running.position == ("e",)
+    assert is_done(running, ("a", "z")) and is_done(running, ("e",)) and not is_done(running, ("e", "f"))
 
 
 paths = st.lists(st.lists(st.sampled_from("abc"), max_size=3).map(tuple), unique=True).map(sorted)
-outcomes = st.one_of(st.just(LITERAL), st.frozensets(st.sampled_from(["alpha", "beta"])))
+outcomes = st.one_of(
+    st.just(LITERAL), st.tuples(st.frozensets(st.sampled_from(["alpha", "beta"])), st.sampled_from([None, True, False]))
+)
 
 
 @st.composite
@@ -89,7 +100,7 @@ def run(schedule: Schedule, walk: list[tuple[Path, Outcome, bool]], stop_after: 
         if not is_done(running, path):
             if done == stop_after:
                 return running
-            running = skipped(running, path) if outcome == LITERAL else renewed(running, path, outcome)
+            running = skipped(running, path) if isinstance(outcome, str) else renewed(running, path, *outcome)
             done += 1
         if cannot_list:  # the walk reads the directory after the caller had it: again in a resumed cycle
             running = unlisted(running, path)
@@ -117,6 +128,10 @@ def test_a_cycle_stopped_and_resumed_any_number_of_times_finds_what_one_straight
     assert tally.objects == len(walk)
     assert tally.skipped == sum(outcome == LITERAL for _path, outcome, _cannot in walk)
     assert tally.unlisted == tuple(path for path, _outcome, cannot_list in walk if cannot_list)
+    assert tally.repaired == sum(outcome != LITERAL and outcome[1] is True for _path, outcome, _cannot in walk)
+    assert tally.repair_failed == tuple(
+        path for path, outcome, _c in walk if outcome != LITERAL and outcome[1] is False
+    )
 
 
 json_values = st.recursive(
@@ -145,7 +160,14 @@ def test_a_damaged_field_of_a_saved_schedule_makes_it_no_schedule(
 
 
 def test_running_is_saved_with_its_position_and_the_last_result() -> None:
-    last = CycleResult(1.0, 2.0, Tally(renewed=3, unlisted=(("x", "y"),)))
+    last = CycleResult(1.0, 2.0, Tally(renewed=3, unlisted=(("x", "y"),), repaired=2, repair_failed=(("z",),)))
     running = Running(5.0, ("a", "b"), Tally(errors=1, failed_servers=frozenset({"alpha"})), last)
     assert saved_and_loaded(running) == running
     assert saved_and_loaded(Done(last)) == Done(last)
+
+
+def test_a_schedule_saved_before_background_repair_loads_with_no_repairs() -> None:
+    saved = to_json(Done(CycleResult(1.0, 2.0, Tally(renewed=3))))
+    for key in ("repaired", "repair_failed"):
+        del saved["result"]["tally"][key]
+    assert from_json(saved) == Done(CycleResult(1.0, 2.0, Tally(renewed=3)))
