@@ -71,7 +71,8 @@ def _live_mounts(directory: Path) -> list[tuple[str, int]]:
 
 def renewal_summary(state: dict[str, Any]) -> str:
     """One root's lease renewal (GridFilesystem.queue_state's "lease_renewal") in one line: the last finished
-    cycle and what it found, the one under way, when the next is due, and the last error."""
+    cycle and what it found (with background repair: what it repaired, and the paths it failed to), the one under
+    way, when the next is due, and the last error."""
     if not state["enabled"]:
         return "off (tahoe.cfg [blackmatch] lease.renewal_interval)"
     parts = []
@@ -83,8 +84,14 @@ def renewal_summary(state: dict[str, Any]) -> str:
         if last["errors"]:
             found += f", {last['errors']} with errors (failed: {', '.join(last['failed_servers'])})"
         if last["unlisted"]:
-            shown = ", ".join(last["unlisted"][:3]) + (", ..." if len(last["unlisted"]) > 3 else "")
-            found += f", {_count(len(last['unlisted']), 'directory', 'directories')} not listed ({shown})"
+            found += f", {_count(len(last['unlisted']), 'directory', 'directories')} not listed"
+            found += f" ({_first_paths(last['unlisted'])})"
+        if state.get("repair"):
+            found += f", {last['repaired']} repaired"
+            if last["repair_failed"]:
+                found += (
+                    f", {_count(len(last['repair_failed']), 'repair')} failed ({_first_paths(last['repair_failed'])})"
+                )
         parts.append(found)
     progress = state["progress"]
     if progress is not None:
@@ -98,6 +105,10 @@ def renewal_summary(state: dict[str, Any]) -> str:
         next_try = f"next try in {retry:.0f} s" if isinstance(retry, int | float) else f"next try {retry}"
         parts.append(f"failing ({error['attempts']} tries, {next_try}): {error['error']}")
     return "; ".join(parts)
+
+
+def _first_paths(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
 
 
 def _when(seconds: float) -> str:

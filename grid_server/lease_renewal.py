@@ -7,6 +7,12 @@ by a restart goes on from where it was, and a finished one waits out its interva
 fails, or a directory that cannot be listed, goes into the cycle's result and the cycle goes on; a grid where no
 server answers stops the cycle, which is tried again after a capped back-off (retries.py) shown by `status`.
 Nothing here logs or saves a cap: objects are named by their path below the root.
+
+Background health (`repair.background = true`) rides on the same walk and schedule: after renewing an object the
+cycle checks it (lists its shares on every server, cheap beside the renewal) and repairs it when it is unhealthy,
+as `blackmatch check --repair` would. Each repair is followed by a pause that keeps repairs, by the size of the
+files they re-encode, within `repair.bandwidth` bytes a second on average. A repair that fails (a file below k
+shares, a read-only cap of a mutable file) goes into the cycle's result by path and is tried again next cycle.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from typing import Any
 
 import trio
 
-from lafs_core.caps import DirectoryCap
+from lafs_core.caps import Cap, DirectoryCap
 from lafs_core.errors import LafsError
 from lafs_core.grid.checker import renew_leases
-from lafs_core.grid.grid import Grid, no_server_answered
+from lafs_core.grid.grid import Grid, NoServerAnsweredError, no_server_answered
 from lafs_core.grid.nodedir import LeaseRenewalConfig
+from lafs_core.grid.repair import check_and_repair
 from lafs_core.grid.traverse import walk
 
 from .lease_schedule import (
@@ -126,12 +133,39 @@ class LeaseRenewal:
             failures = await renew_leases(self.grid, storage_index)
             if len(failures) == len(self.grid.servers):
                 raise no_server_answered([str(failure) for failure in failures.values()])
-            self._save(renewed(running, path, sorted(self.grid.server(sid).nickname for sid in failures)))
+            repaired = await self._check_and_repair(path, cap) if self.config.repair else None
+            self._save(renewed(running, path, sorted(self.grid.server(sid).nickname for sid in failures), repaired))
             await trio.sleep(pause)
         assert isinstance(self.schedule, Running)
         done = finish(self.schedule, time.time())
         self._save(done)
         log.info("lease renewal cycle done: %s", json.dumps(_shown(tally_json(done.result.tally))))
+
+    async def _check_and_repair(self, path: tuple[str, ...], cap: Cap) -> bool | None:
+        """Check one object and repair it if it is unhealthy: None when it was healthy, else whether the repair
+        made it so. After a repair, pause until its file's size at `repair.bandwidth` has passed."""
+        started = trio.current_time()
+        try:
+            outcome = await check_and_repair(self.grid, cap)
+        except NoServerAnsweredError:
+            raise
+        except LafsError as exc:
+            log.warning("background check of %s failed: %s", show_path(path), exc)
+            return False
+        repair = outcome.repair
+        if repair is None:
+            return None
+        if repair.successful:
+            log.info(
+                "background repair of %s: happiness %d -> %d",
+                show_path(path),
+                repair.happiness_before,
+                repair.happiness_after,
+            )
+        else:
+            log.warning("background repair of %s failed: %s", show_path(path), repair.reason)
+        await trio.sleep(repair_pause(repair.size, self.config.repair_bandwidth, trio.current_time() - started))
+        return repair.successful
 
     def _save(self, schedule: Schedule) -> None:
         """Keep the schedule and replace the saved one whole (a crash leaves the old or the new, never a torn
@@ -151,6 +185,7 @@ class LeaseRenewal:
         return {
             "enabled": interval is not None,
             "interval": interval,
+            "repair": self.config.repair,
             "last_finished_at": None if last is None else last.finished_at,
             "last_result": None if last is None else _shown(tally_json(last.tally)),
             "running": running is not None and failure is None and interval is not None,
@@ -160,8 +195,18 @@ class LeaseRenewal:
         }
 
 
+def repair_pause(size: int, bandwidth: int, took: float) -> float:
+    """Seconds to wait after a repair of a `size`-byte file that took `took` seconds, so that repairs average at
+    most `bandwidth` bytes a second."""
+    return max(0.0, size / bandwidth - took)
+
+
 def _shown(tally: dict[str, Any]) -> dict[str, Any]:
-    return {**tally, "unlisted": [show_path(tuple(path)) for path in tally["unlisted"]]}
+    return {
+        **tally,
+        "unlisted": [show_path(tuple(path)) for path in tally["unlisted"]],
+        "repair_failed": [show_path(tuple(path)) for path in tally["repair_failed"]],
+    }
 
 
 def _progress(running: Running) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from grid_server.lease_renewal import repair_pause
 from lafs_core.durations import DAY, MONTH, UNITS, YEAR, parse_duration
 from lafs_core.grid.nodedir import (
     DEFAULT_RENEWAL_INTERVAL,
@@ -118,3 +119,8 @@ def test_bad_repair_settings_are_one_line_naming_the_setting(tmp_path: Path, sec
     with pytest.raises(NodeDirectoryError) as raised:
         node_with(tmp_path, section).lease_renewal()
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("size", "took", "pause"), [(3 << 20, 1.0, 2.0), (1 << 20, 5.0, 0.0), (0, 0.0, 0.0)])
+def test_a_repair_is_followed_by_a_pause_that_keeps_to_the_bandwidth(size: int, took: float, pause: float) -> None:
+    assert repair_pause(size, 1 << 20, took) == pause

@@ -90,10 +90,11 @@ def node(cluster: StorageCluster, tmp_path: Path) -> NodeDirectory:
     return node
 
 
-def configure(node: NodeDirectory, rate: int) -> None:
+def configure(node: NodeDirectory, rate: int, repair: bool = False) -> None:
     cfg = node.path / "tahoe.cfg"
     text = cfg.read_text().split("\n[blackmatch]\n")[0]
-    cfg.write_text(f"{text}\n[blackmatch]\nlease.renewal_interval = 1 day\nlease.renewal_rate = {rate}\n")
+    settings = f"lease.renewal_interval = 1 day\nlease.renewal_rate = {rate}\n"
+    cfg.write_text(f"{text}\n[blackmatch]\n{settings}" + ("repair.background = true\n" if repair else ""))
 
 
 def state_file(node: NodeDirectory) -> Path:
@@ -184,7 +185,16 @@ def test_a_cycle_renews_every_share_of_every_object_and_status_shows_it(
     async def body(fs: GridFilesystem) -> None:
         await cycle_done(fs)
         state = (await fs.queue_state())["lease_renewal"]
-        assert state["last_result"] == {"renewed": 7, "errors": 0, "skipped": 1, "failed_servers": [], "unlisted": []}
+        assert state["last_result"] == {
+            "renewed": 7,
+            "errors": 0,
+            "skipped": 1,
+            "failed_servers": [],
+            "unlisted": [],
+            "repaired": 0,
+            "repair_failed": [],
+        }
+        assert state["repair"] is False
         assert not state["running"] and state["progress"] is None and state["error"] is None
         assert state["next_due_at"] == pytest.approx(state["last_finished_at"] + 86400)
         assert time.time() - 60 < state["last_finished_at"] <= time.time()
@@ -298,7 +308,10 @@ def test_status_line_of_a_cycle_with_problems() -> None:
             "skipped": 1,
             "failed_servers": ["alpha", "beta"],
             "unlisted": ["/a", "/b", "/c", "/d"],
+            "repaired": 3,
+            "repair_failed": ["/e"],
         },
+        "repair": True,
         "running": False,
         "progress": {"objects": 1, "position": "/", "started_at": 10.0},
         "next_due_at": None,
@@ -307,10 +320,89 @@ def test_status_line_of_a_cycle_with_problems() -> None:
     line = renewal_summary(state)
     assert line.startswith("last finished ")
     assert line.endswith(
-        ": 5 objects renewed, 2 with errors (failed: alpha, beta), 4 directories not listed (/a, /b, /c, ...); "
+        ": 5 objects renewed, 2 with errors (failed: alpha, beta), 4 directories not listed (/a, /b, /c, ...), "
+        "3 repaired, 1 repair failed (/e); "
         "cycle half done: 1 object done; failing (3 tries, next try in 8 s): no storage server answered"
     )
+    assert ", 3 repaired" not in renewal_summary({**state, "repair": False})
     assert renewal_summary({**state, "enabled": False}).startswith("off")
+
+
+def delete_shares(cluster: StorageCluster, tree: Tree, servers: range) -> set[Path]:
+    """Delete every share of the tree's stored objects that `servers` hold (as disks lost); the files deleted."""
+    homes = [cluster.servers[index].path for index in servers]
+    lost = {
+        share
+        for path, cap in tree.items()
+        if cap.storage_index is not None
+        for share in leases_of(cluster, cap)
+        if any(share.is_relative_to(home) for home in homes)
+    }
+    for share in lost:
+        share.unlink()
+    return lost
+
+
+def deep_check(node: NodeDirectory) -> int:
+    """`blackmatch deep-check tahoe:`'s exit status: 0 healthy, 3 something unhealthy."""
+    done = blackmatch("deep-check", "-d", str(node.path), "tahoe:")
+    assert done.returncode in (0, 3), done.stderr
+    return done.returncode
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["repair-on", "repair-off"])
+def test_background_repair_makes_a_damaged_tree_healthy_only_when_asked(
+    cluster: StorageCluster, node: NodeDirectory, background: bool
+) -> None:
+    configure(node, rate=50, repair=background)
+    tree = build_tree(node)
+    lost = delete_shares(cluster, tree, range(2))
+    assert len(lost) >= 2 * 7 and deep_check(node) == 3  # each server held shares of all 7 stored objects
+
+    async def body(fs: GridFilesystem) -> None:
+        await cycle_done(fs)
+        state = (await fs.queue_state())["lease_renewal"]
+        assert state["repair"] is background
+        result = state["last_result"]
+        assert (result["renewed"], result["repaired"], result["repair_failed"]) == (7, 7 if background else 0, [])
+        assert "URI:" not in json.dumps(state)
+
+    with_filesystem(node, body)
+    if background:
+        assert deep_check(node) == 0
+        assert lost <= {share for shares in leases_in(cluster, tree).values() for share in shares}
+    else:
+        assert deep_check(node) == 3
+        assert not lost & {share for shares in leases_in(cluster, tree).values() for share in shares}
+
+
+def test_a_repair_that_needs_a_write_cap_is_recorded_once_a_cycle(cluster: StorageCluster, node: NodeDirectory) -> None:
+    configure(node, rate=50, repair=True)
+
+    async def link_read_only() -> Cap:
+        grid = open_grid(node)
+        try:
+            mutable = await create_mutable(grid, b"shared with us, read-only", "sdmf")
+            root = parse_cap(node.aliases()["tahoe"])
+            assert isinstance(root, DirectoryCap)
+            await modify_directory(grid, root, linker("shared", mutable.readonly(), replace_files=False))
+            return mutable
+        finally:
+            await grid.aclose()
+
+    shared = trio.run(link_read_only)
+    lost = delete_shares(cluster, {("shared",): shared}, range(2))
+    assert lost
+
+    async def body(fs: GridFilesystem) -> None:
+        await cycle_done(fs)
+        state = (await fs.queue_state())["lease_renewal"]
+        result = state["last_result"]
+        assert (result["renewed"], result["repaired"], result["repair_failed"]) == (2, 0, ["/shared"])
+        assert ", 0 repaired, 1 repair failed (/shared); next due " in renewal_summary(state)
+
+    with_filesystem(node, body)
+    assert not lost & set(leases_of(cluster, shared))  # nothing could be written without the write cap
 
 
 def test_a_bad_setting_fails_the_mount_in_one_line_naming_it(tmp_path: Path) -> None:
