@@ -256,13 +256,11 @@ def grid(tahoe_exe: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield running
 
 
-@pytest.fixture(scope="module")
-def bm_nodes(grid: TahoeGrid, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def make_nodes_on(grid: TahoeGrid, base: Path) -> dict[str, Path]:
     """blackmatch node directories on the Tahoe storage servers, by mutable format (their own secrets, not Tahoe's).
 
     Their servers.yaml holds the introducer's announcements unchanged, as a user would copy them.
     """
-    base = tmp_path_factory.mktemp("blackmatch-nodes")
     servers = base / "servers.yaml"
     anns = {a["server_id"]: {"ann": a["ann"]} for a in grid.announcements()}
     servers.write_text(yaml.safe_dump({"storage": anns}), encoding="utf-8")
@@ -270,6 +268,11 @@ def bm_nodes(grid: TahoeGrid, tmp_path_factory: pytest.TempPathFactory) -> dict[
         "sdmf": make_node(base / "sdmf-node", [servers]),
         "mdmf": make_node(base / "mdmf-node", [servers], mutable_format="mdmf"),
     }
+
+
+@pytest.fixture(scope="module")
+def bm_nodes(grid: TahoeGrid, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_nodes_on(grid, tmp_path_factory.mktemp("blackmatch-nodes"))
 
 
 # --- 1. blackmatch writes, Tahoe reads ----------------------------------------------------------------------------
