@@ -460,6 +460,15 @@ class TahoeGrid:
         self._start(self.client_dir)
         self._wait_connected()
 
+    def remove_storage_node(self, node_dir: Path) -> None:
+        """Stop one of `storage_dirs` for good, as a server that leaves the grid; its directory stays on disk.
+
+        The client keeps it in its list, disconnected, and so does its introducer cache; it is no longer expected
+        to be connected.
+        """
+        self._stop_one(node_dir, self._processes[node_dir])
+        self.storage_dirs.remove(node_dir)
+
     def add_storage_node(self, introduced: bool = False) -> Path:
         """Start one more Tahoe storage node; not introduced, only `add_static_servers` makes it known.
 
