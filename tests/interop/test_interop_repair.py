@@ -8,7 +8,10 @@ and happiness is 3.
    object not healthy, `blackmatch check --repair` / `deep-check --repair` (a blackmatch node with its own secrets;
    mutable objects by their write cap) repairs it, and then Tahoe's own `tahoe check --verify` and `tahoe
    deep-check --verify` find all 10 shares good on all five servers and `tahoe get` returns the bytes. The CHK
-   shares blackmatch regenerates are byte for byte the ones deleted.
+   shares blackmatch regenerates are byte for byte the ones deleted. On a grid of its own (the one other Tahoe
+   grid this module starts), two servers leave for good and two new ones join instead: blackmatch, on the Tahoe
+   client's node directory, repairs Tahoe's tree onto the new servers, and two more original servers can then
+   leave while Tahoe still reads every file.
 2. The other way: blackmatch uploads, Tahoe's `tahoe deep-check --repair` repairs, and `blackmatch deep-check
    --verify` calls everything healthy.
 3. Leases: `blackmatch check --add-lease`, run on the Tahoe client's own node directory, renews the lease Tahoe's
@@ -176,46 +179,88 @@ def test_blackmatch_repairs_tahoe_mutable(
     assert bm("get", "-d", str(node), cap) == new
 
 
-def test_blackmatch_deep_repairs_tahoe_tree(grid: TahoeGrid, bm_nodes: dict[str, Path]) -> None:
-    """An SDMF directory of a CHK, a LIT and an SDMF file and an MDMF directory holding an MDMF file."""
-    node = bm_nodes["sdmf"]
+TREE_PATHS = ["", "chk.bin", "lit.txt", "sdmf.bin", "sub", "sub/mdmf.bin"]
+
+
+def tahoe_tree(grid: TahoeGrid, seed: str) -> tuple[dict[str, str], dict[str, bytes]]:
+    """Tahoe makes an SDMF directory of a CHK, a LIT and an SDMF file, and an MDMF directory holding an MDMF file.
+
+    Returns path -> cap of every object that has shares ("" is the root; the LIT file has none), and path -> the
+    contents of every file.
+    """
     root = tahoe_text(grid, "mkdir")
     contents = {
-        "chk.bin": data_of(200_000, "deep-tahoe-chk"),
+        "chk.bin": data_of(200_000, f"{seed}-chk"),
         "lit.txt": b"small enough for the cap\n",
-        "sdmf.bin": data_of(20000, "deep-tahoe-sdmf"),
-        "sub/mdmf.bin": data_of(150_000, "deep-tahoe-mdmf"),
+        "sdmf.bin": data_of(20000, f"{seed}-sdmf"),
+        "sub/mdmf.bin": data_of(150_000, f"{seed}-mdmf"),
     }
-    chk = tahoe_put(grid, contents["chk.bin"], f"{root}/chk.bin")
+    caps = {"": root, "chk.bin": tahoe_put(grid, contents["chk.bin"], f"{root}/chk.bin")}
     tahoe_put(grid, contents["lit.txt"], f"{root}/lit.txt")
-    sdmf = web_put(grid, f"{root}/sdmf.bin", contents["sdmf.bin"], "?format=SDMF")
-    sub = web_mkdir(grid, f"{root}/sub", "MDMF")
-    mdmf = web_put(grid, f"{root}/sub/mdmf.bin", contents["sub/mdmf.bin"], "?format=MDMF")
-    damaged = [root, chk, sdmf, sub, mdmf]
-    lost_chk = {cap: lose_shares(grid, cap) for cap in damaged}[chk]
+    caps["sdmf.bin"] = web_put(grid, f"{root}/sdmf.bin", contents["sdmf.bin"], "?format=SDMF")
+    caps["sub"] = web_mkdir(grid, f"{root}/sub", "MDMF")
+    caps["sub/mdmf.bin"] = web_put(grid, f"{root}/sub/mdmf.bin", contents["sub/mdmf.bin"], "?format=MDMF")
+    return caps, contents
 
-    status, report = bm_check(node, "deep-check", root)
+
+def assert_tree_repaired(grid: TahoeGrid, caps: dict[str, str], contents: dict[str, bytes]) -> None:
+    """Every share of every object on the grid's servers, Tahoe's deep-check --verify healthy, every file readable."""
+    for path, cap in caps.items():
+        assert_all_shares(grid.storage_dirs, cap, mutable=path != "chk.bin")
+    checked = tahoe_deep_verify(grid, caps[""])
+    assert sorted("/".join(line["path"]) for line in checked) == TREE_PATHS
+    for path, data in contents.items():
+        assert web(grid, f"{caps['']}/{path}") == data
+
+
+def test_blackmatch_deep_repairs_tahoe_tree(grid: TahoeGrid, bm_nodes: dict[str, Path]) -> None:
+    node = bm_nodes["sdmf"]
+    caps, contents = tahoe_tree(grid, "deep-tahoe")
+    lost = {path: lose_shares(grid, cap) for path, cap in caps.items()}
+
+    status, report = bm_check(node, "deep-check", caps[""])
     assert status == UNHEALTHY and "done: 6 objects checked, 1 healthy, 5 unhealthy" in report, report
 
-    status, report = bm_check(node, "deep-check", "--repair", root)
+    status, report = bm_check(node, "deep-check", "--repair", caps[""])
     assert status == HEALTHY, report
     assert " 5 repairs attempted, 5 successful, 0 failed" in report, report
     assert " post-repair: 6 healthy, 0 unhealthy" in report, report
-    for cap in damaged:
-        assert_all_shares(grid.storage_dirs, cap, mutable=cap != chk)
-    assert_regenerated(grid, chk, lost_chk)
+    assert_regenerated(grid, caps["chk.bin"], lost["chk.bin"])
+    assert_tree_repaired(grid, caps, contents)
 
-    checked = tahoe_deep_verify(grid, root)
-    assert sorted("/".join(line["path"]) for line in checked) == [
-        "",
-        "chk.bin",
-        "lit.txt",
-        "sdmf.bin",
-        "sub",
-        "sub/mdmf.bin",
-    ]
-    for name, data in contents.items():
-        assert web(grid, f"{root}/{name}") == data
+
+@pytest.fixture
+def grid_to_take_apart(tmp_path: Path) -> Iterator[TahoeGrid]:
+    """A grid of its own for the one test that stops servers for good."""
+    tahoe_exe = bootstrap.ensure_tahoe_venv()
+    with TahoeGrid(tmp_path / "grid", tahoe_exe, num_storage=5, needed=NEEDED, happy=HAPPY, total=TOTAL) as running:
+        yield running
+
+
+def test_blackmatch_repairs_tahoe_tree_after_servers_left(grid_to_take_apart: TahoeGrid) -> None:
+    """Two of five servers leave for good and two new ones join; blackmatch, on the Tahoe client's own node
+    directory (its introducer cache), repairs Tahoe's tree, Tahoe verifies it, and then two more of the original
+    servers can leave while Tahoe still reads every file."""
+    grid = grid_to_take_apart
+    caps, contents = tahoe_tree(grid, "servers-left")
+    original = list(grid.storage_dirs)
+    for server in original[:LOST_SERVERS]:
+        grid.remove_storage_node(server)
+    for _ in range(LOST_SERVERS):
+        grid.add_storage_node(introduced=True)
+    grid.announcements()  # the new servers are in the introducer cache blackmatch reads
+    root = caps[""]
+
+    status, report = bm_check(grid.client_dir, "deep-check", root)
+    assert status == UNHEALTHY and "done: 6 objects checked, 1 healthy, 5 unhealthy" in report, report
+    status, report = bm_check(grid.client_dir, "deep-check", "--repair", root)
+    assert status == HEALTHY and " 5 repairs attempted, 5 successful, 0 failed" in report, report
+    assert_tree_repaired(grid, caps, contents)
+
+    for server in original[LOST_SERVERS : 2 * LOST_SERVERS]:
+        grid.remove_storage_node(server)
+    for path, data in contents.items():
+        assert grid.tahoe("get", f"{root}/{path}").stdout == data
 
 
 # --- 2. blackmatch uploads, Tahoe repairs, blackmatch verifies --------------------------------------------------
@@ -233,8 +278,7 @@ def test_tahoe_deep_repairs_blackmatch_tree(grid: TahoeGrid, bm_nodes: dict[str,
     sub = bm_text("mkdir", *d, "--format", "mdmf", f"{root}/sub")
     mdmf = bm_put(mdmf_node, tmp_path, contents["sub/mdmf.bin"], "--mutable", f"{root}/sub/mdmf.bin")
     assert mdmf.startswith("URI:MDMF:") and sub.startswith("URI:DIR2-MDMF:")
-    damaged = [root, chk, sdmf, sub, mdmf]
-    lost_chk = {cap: lose_shares(grid, cap) for cap in damaged}[chk]
+    lost_chk = {cap: lose_shares(grid, cap) for cap in [root, chk, sdmf, sub, mdmf]}[chk]
     status, report = bm_check(sdmf_node, "deep-check", root)
     assert status == UNHEALTHY, report
 
