@@ -30,7 +30,10 @@ from typing import Any
 import pytest
 
 import bootstrap
+from lafs_core import base32
+from lafs_core.caps import parse_cap
 from lafs_core.storage.containers import (
+    IMMUTABLE_DATA_OFFSET,
     IMMUTABLE_LEASE,
     LEASE_DURATION,
     MUTABLE_HEADER,
@@ -55,6 +58,7 @@ from .test_interop import (
     make_nodes_on,
     share_map,
     share_paths,
+    tahoe_check,
     tahoe_put,
     tahoe_text,
     tahoe_verify,
@@ -155,6 +159,32 @@ def test_blackmatch_repairs_tahoe_immutable(grid: TahoeGrid, bm_nodes: dict[str,
 
     status, report = bm_check(node, "check", "--repair", cap)  # run again: nothing to do
     assert status == HEALTHY and "repair" not in report, report
+
+
+def test_blackmatch_replaces_corrupt_tahoe_share(grid: TahoeGrid, bm_nodes: dict[str, Path]) -> None:
+    """A byte flipped in a block of a share Tahoe wrote: blackmatch's --verify names the share and files an advisory
+    the Tahoe server keeps, --repair gives the share a good copy elsewhere, and Tahoe's verifier agrees on both."""
+    node = bm_nodes["sdmf"]
+    cap = tahoe_put(grid, data_of(300_000, "corrupt-tahoe-chk"))
+    server = grid.storage_dirs[0]
+    share = share_paths([server], cap)[0]
+    shnum, raw = int(share.name), bytearray(share.read_bytes())
+    good = share_data(bytes(raw))
+    raw[IMMUTABLE_DATA_OFFSET + len(good) // 2] ^= 0xFF  # the middle of the share: block data
+    share.write_bytes(bytes(raw))
+    si = base32.encode(parse_cap(cap).storage_index)
+
+    status, report = bm_check(node, "check", "--verify", cap)
+    assert status == UNHEALTHY and f"SI {si}, shnum {shnum}" in report, report
+    advisories = list((server / "storage" / "corruption-advisories").glob(f"*--{si}-{shnum}"))
+    assert len(advisories) == 1, "the Tahoe server kept no corruption advisory"
+
+    status, report = bm_check(node, "check", "--verify", "--repair", cap)
+    assert status == HEALTHY and " repair successful: " in report, report
+    assert good in shares_now(grid, cap)[shnum]
+    results = tahoe_check(grid, cap, "verify")["results"]
+    assert results["healthy"] is True and results["count-shares-good"] == TOTAL, results
+    assert [entry[1:] for entry in results["list-corrupt-shares"]] == [[si, shnum]], results
 
 
 @pytest.mark.parametrize(("file_format", "size"), [("sdmf", 30000), ("mdmf", 300_000)])
