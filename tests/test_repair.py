@@ -32,8 +32,9 @@ from lafs_core.grid.repair import RepairRequiresWriteCapError, RepairResult, rep
 from lafs_core.grid.server_api import StorageServer
 from lafs_core.grid.servers import open_grid
 from lafs_core.grid.upload import bytes_chunks, upload_immutable
+from lafs_core.mutable.layout import parse_share_header
 from lafs_core.nurl import parse_furl
-from lafs_core.storage.containers import share_data
+from lafs_core.storage.containers import MUTABLE_DATA_OFFSET, share_data
 
 from .grid_helpers import local_grid, share_files
 from .shared_data import SAMPLE_GRID, sample_caps, sample_convergence, sample_plaintext
@@ -250,6 +251,26 @@ def test_unrecoverable_newer_version_is_not_discarded_unless_forced(tmp_path: Pa
     forced = on_grid(local_grid(tmp_path), lambda grid: repair_mutable(grid, cap, force=True))
     assert forced.successful and sorted(forced.placed) == list(range(TOTAL))
     assert on_grid(local_grid(tmp_path), lambda grid: contents(grid, cap)) == b"version one"
+
+
+def test_a_best_version_that_fails_to_read_is_not_replaced_by_an_older_one(tmp_path: Path) -> None:
+    """The newest version has enough shares by their headers, but too many of its blocks are corrupt to read it:
+    repair must fail, not republish the older version over it (reading falls back to the older one)."""
+    cap = on_grid(local_grid(tmp_path), lambda grid: create_mutable(grid, b"version one", "sdmf"))
+    first = {path: path.read_bytes() for path in share_files(tmp_path)}
+    on_grid(local_grid(tmp_path), lambda grid: overwrite(grid, cap, b"version two"))
+    second = sorted(share_files(tmp_path))
+    for path in second[:4]:  # four shares of version one come back; six of version two stay
+        path.write_bytes(first[path])
+    for path in second[4:8]:  # four of those six get a corrupt block: two readable, three needed
+        raw = bytearray(path.read_bytes())
+        raw[MUTABLE_DATA_OFFSET + parse_share_header(bytes(raw[MUTABLE_DATA_OFFSET:])).offsets.share_data] ^= 1
+        path.write_bytes(bytes(raw))
+    before = {path: path.read_bytes() for path in share_files(tmp_path)}
+
+    result = on_grid(local_grid(tmp_path), lambda grid: repair_mutable(grid, cap))
+    assert result.attempted and not result.successful, result
+    assert {path: path.read_bytes() for path in share_files(tmp_path)} == before
 
 
 def test_files_uploaded_by_tahoe_are_repaired(tmp_path: Path) -> None:

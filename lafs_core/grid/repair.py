@@ -32,7 +32,7 @@ from ..mutable.retrieve import AnyMutableCap, ServerMap, UnrecoverableFileError
 from .checker import CheckResult, check
 from .download import ImmutableFile
 from .grid import Grid
-from .mutable_io import map_servers, publish_version, retrieve, writer_keys
+from .mutable_io import map_servers, publish_version, read_version, writer_keys
 from .selection import by_server, happiness
 from .upload import PlacementGoal, file_chunks, upload_encoded
 
@@ -198,14 +198,16 @@ async def repair_mutable(grid: Grid, cap: AnyMutableCap | DirectoryCap, *, force
     if not problem:
         return RepairResult(False, True, happiness_before=before, happiness_after=before)
     log.info("repairing %s: %s", name, problem)
+    refusal = _refusal(servermap)
+    if refusal and not force:
+        return RepairResult(True, False, happiness_before=before, happiness_after=before, reason=refusal)
+    version = servermap.best_version()
+    assert version is not None, "an unrecoverable file was returned above"
     plaintext = b""
     try:
-        plaintext, servermap, version = await retrieve(grid, file_cap)
-        refusal = _refusal(servermap)
-        if refusal and not force:
-            return RepairResult(
-                True, False, happiness_before=before, happiness_after=before, reason=refusal, size=len(plaintext)
-            )
+        # The best version or nothing: falling back to an older one when the best fails to read would republish
+        # the older one over it (Tahoe's repairer fails then too).
+        plaintext = await read_version(grid, file_cap, servermap, version)
         keys = await writer_keys(grid, file_cap, servermap)
         file_format = MDMF if isinstance(file_cap, MdmfWriteCap) else SDMF
         published = await publish_version(grid, keys, plaintext, servermap, file_format, version.needed, version.total)
