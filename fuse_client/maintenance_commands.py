@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_server.filesystem import CAP_XATTR, READCAP_XATTR
+from grid_server.lease_renewal import REPAIR_SCRATCH
 from lafs_core import base32
 from lafs_core.caps import Cap, DirectoryCap, UnknownCap, parse_known_cap
 from lafs_core.errors import LafsError
@@ -202,7 +203,7 @@ def exit_status(result: CheckResult) -> int:
 async def check_command(grid: Grid, node: NodeDirectory, args: argparse.Namespace) -> int:
     cap = await target_cap(grid, node, args.target, writable=args.repair)
     if args.repair:
-        outcome = await check_and_repair(grid, cap, verify=args.verify, add_lease=args.add_lease)
+        outcome = await _check_one(grid, node, cap, args)
         print(json.dumps(repair_json(outcome), indent=1) if args.json else "\n".join(repair_text(outcome)))
         return exit_status(outcome.post)
     result = await check(grid, cap, verify=args.verify, add_lease=args.add_lease)
@@ -329,9 +330,10 @@ def _object_text(path: tuple[str, ...], outcome: CheckAndRepairResult | None, er
     return lines
 
 
-async def _check_one(grid: Grid, cap: Cap, args: argparse.Namespace) -> CheckAndRepairResult:
+async def _check_one(grid: Grid, node: NodeDirectory, cap: Cap, args: argparse.Namespace) -> CheckAndRepairResult:
     if args.repair:
-        return await check_and_repair(grid, cap, verify=args.verify, add_lease=args.add_lease)
+        scratch = node.state_dir / REPAIR_SCRATCH
+        return await check_and_repair(grid, cap, verify=args.verify, add_lease=args.add_lease, scratch_dir=scratch)
     result = await check(grid, cap, verify=args.verify, add_lease=args.add_lease)
     return CheckAndRepairResult(result, None, result)
 
@@ -352,7 +354,7 @@ async def deep_check_command(grid: Grid, node: NodeDirectory, args: argparse.Nam
             continue  # a kind of object this version does not know: Tahoe's deep-check skips those too
         outcome, error = None, None
         try:
-            outcome = await _check_one(grid, cap, args)
+            outcome = await _check_one(grid, node, cap, args)
         except NoServerAnsweredError:
             raise
         except LafsError as exc:

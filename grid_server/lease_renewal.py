@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ LONGEST_NAP = 3600.0
 """Seconds the task waits at most before it reads the wall clock again: the monotonic clock trio sleeps by stops
 while the machine is suspended, and the due time is a wall-clock time."""
 GRID = "grid"  # the one key of the back-off: the cycle as a whole
+REPAIR_SCRATCH = "repair"
+"""Where a background repair keeps a file's contents while it makes the file's shares again (private, on the
+node's disk rather than a small RAM-backed /tmp)."""
 
 
 class LeaseRenewal:
@@ -70,6 +74,8 @@ class LeaseRenewal:
         self.grid = grid
         self.root = root
         self.path = state_dir / STATE_FILE
+        self.scratch = state_dir / REPAIR_SCRATCH
+        shutil.rmtree(self.scratch, ignore_errors=True)  # what a killed repair left: plaintext, now of no use
         self.config = config
         self.failures: Failures[str] = Failures()
         interval = config.interval if config.interval is not None else math.inf
@@ -146,11 +152,14 @@ class LeaseRenewal:
         made it so. After a repair, pause until its file's size at `repair.bandwidth` has passed."""
         started = trio.current_time()
         try:
-            outcome = await check_and_repair(self.grid, cap)
+            outcome = await check_and_repair(self.grid, cap, scratch_dir=self.scratch)
         except NoServerAnsweredError:
             raise
         except LafsError as exc:
             log.warning("background check of %s failed: %s", show_path(path), exc)
+            return False
+        except Exception:  # a bug in checking or repairing one object must not stop every lease renewal after it
+            log.exception("background check of %s failed", show_path(path))
             return False
         repair = outcome.repair
         if repair is None:

@@ -227,6 +227,27 @@ def test_below_k_shares_is_unrecoverable_and_untouched(cluster: StorageCluster, 
     assert {path: path.read_bytes() for path in share_paths(cluster, cap)} == left
 
 
+def test_a_local_disk_error_is_a_failed_repair_not_a_crash(tmp_path: Path) -> None:
+    """The contents are staged on local disk: when that fails (full, or not a directory), the repair fails with
+    the reason, and nothing is written to the grid."""
+    data = os.urandom(200_000)
+    cap = on_grid(local_grid(tmp_path), lambda grid: upload_immutable(grid, len(data), bytes_chunks(data)))
+    assert isinstance(cap, ChkCap)
+    for path in share_files(tmp_path)[:4]:
+        path.unlink()
+    left = {path: path.read_bytes() for path in share_files(tmp_path)}
+    (tmp_path / "not-a-directory").write_bytes(b"")
+
+    async def staged_badly(grid: Grid) -> RepairResult:
+        good = await present_shares(grid, cap)
+        return await repair_immutable(grid, cap, good, scratch_dir=tmp_path / "not-a-directory" / "scratch")
+
+    result = on_grid(local_grid(tmp_path), staged_badly)
+    assert result.attempted and not result.successful
+    assert result.reason.startswith("cannot keep the file's contents while it is repaired"), result.reason
+    assert {path: path.read_bytes() for path in share_files(tmp_path)} == left
+
+
 def test_read_only_cap_cannot_repair(tmp_path: Path) -> None:
     grid = local_grid(tmp_path)
     cap = on_grid(grid, lambda grid: create_mutable(grid, b"contents", "sdmf"))

@@ -83,8 +83,12 @@ def _shortfall(holdings: Mapping[str, set[int]], total: int, happy: int) -> str:
 
 
 def _failed(name: str, before: int, raised: BaseException, size: int) -> RepairResult:
-    """The result of a repair that a LafsError stopped (raised again if it was anything else)."""
+    """The result of a repair that a LafsError or a local disk's error stopped (raised again if it was anything
+    else)."""
     failure = sole_exception(raised)
+    if isinstance(failure, OSError):
+        where = f" ({failure.filename})" if failure.filename else ""
+        failure = LafsError(f"cannot keep the file's contents while it is repaired{where}: {failure.strerror}")
     if not isinstance(failure, LafsError):
         raise raised
     reason = " ".join(str(failure).split())
@@ -105,7 +109,8 @@ async def repair_immutable(
 
     `good_shares` maps share number -> servers holding a good (verified, or at least present) copy; corrupt
     copies are absent from it, and a server's claim to hold a share outside it is not believed. The plaintext
-    is staged in a temporary file under `scratch_dir` (the system's temporary directory by default).
+    is staged in a temporary file under `scratch_dir` (made if missing; the system's temporary directory by
+    default): plaintext, so callers give a private directory.
     """
     good_shares = {shnum: servers for shnum, servers in good_shares.items() if servers and 0 <= shnum < cap.total}
     happy = min(grid.encoding.happy, cap.total)
@@ -124,6 +129,8 @@ async def repair_immutable(
     log.info("repairing %s: %d of %d shares, happiness %d", name, len(good_shares), cap.total, before)
     goal = PlacementGoal(cap.total, happy, required=0, known=good_shares)
     try:
+        if scratch_dir is not None:
+            scratch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="blackmatch-repair-", dir=scratch_dir) as scratch:
             staged = Path(scratch) / "plaintext"
             source = ImmutableFile(grid, cap, good_shares)
@@ -132,7 +139,7 @@ async def repair_immutable(
                 await source.copy_to(out.write)
             encoder = ChkEncoder(cap.key, params, expected=cap)
             uploaded = await upload_encoded(grid, encoder, file_chunks(staged), goal)
-    except (LafsError, BaseExceptionGroup) as raised:
+    except (LafsError, OSError, BaseExceptionGroup) as raised:
         return _failed(name, before, raised, cap.size)
     after = happiness(uploaded.holdings)
     shortfall = _shortfall(uploaded.holdings, cap.total, happy)
@@ -229,7 +236,7 @@ class CheckAndRepairResult:
 
 
 async def check_and_repair(
-    grid: Grid, cap: Cap, *, verify: bool = False, add_lease: bool = False
+    grid: Grid, cap: Cap, *, verify: bool = False, add_lease: bool = False, scratch_dir: Path | None = None
 ) -> CheckAndRepairResult:
     """Tahoe's check-and-repair of one object: check it, repair it if it is not healthy, and check it again.
 
@@ -239,16 +246,16 @@ async def check_and_repair(
     pre = await check(grid, cap, verify=verify, add_lease=add_lease)
     if pre.healthy:
         return CheckAndRepairResult(pre, None, pre)
-    repair = await _repair(grid, cap, pre)
+    repair = await _repair(grid, cap, pre, scratch_dir)
     post = await check(grid, cap) if repair.attempted else pre
     return CheckAndRepairResult(pre, repair, post)
 
 
-async def _repair(grid: Grid, cap: Cap, pre: CheckResult) -> RepairResult:
+async def _repair(grid: Grid, cap: Cap, pre: CheckResult, scratch_dir: Path | None) -> RepairResult:
     """Repair one object that `pre` found unhealthy, by its kind; a cap that cannot repair it says why."""
     inner = cap.file_cap if isinstance(cap, DirectoryCap) else cap
     if isinstance(inner, ChkCap):
-        return await repair_immutable(grid, inner, pre.good_shares)
+        return await repair_immutable(grid, inner, pre.good_shares, scratch_dir=scratch_dir)
     if isinstance(inner, MutableWriteCap):
         return await repair_mutable(grid, cap if isinstance(cap, DirectoryCap) else inner)
     happy = pre.happiness
