@@ -83,6 +83,7 @@ def test_settings_are_read_as_tahoe_names_them():
         ({"expire.mutable": "2"}, "expire.mutable"),
         ({"expire.immutable": ""}, "expire.immutable"),
         ({"expire.cycle_time": "often"}, "expire.cycle_time"),
+        ({"expire.cycle_time": "0 seconds"}, "expire.cycle_time"),
         ({"expire.enable": "true"}, "expire.enable"),
     ],
 )

@@ -154,6 +154,13 @@ def test_a_pass_deletes_expired_shares_and_keeps_renewed_ones(aged_store: ShareS
     assert load_state(tmp_path / "state.json") == checker.state  # what a later `status` reads
 
 
+def test_a_state_file_that_cannot_be_saved_does_not_stop_the_pass(aged_store: ShareStore, tmp_path: Path) -> None:
+    """A full or failing disk: the checker goes on from the state in memory (the server keeps serving)."""
+    checker = run_pass(aged_store, tmp_path / "no-such-directory" / "state.json", AGE)
+    assert checker.state.last_pass is not None and checker.state.last_pass["deleted"] == 3
+    assert not (tmp_path / "no-such-directory").exists()
+
+
 def test_a_pass_without_expiry_deletes_nothing_but_counts(aged_store: ShareStore, tmp_path: Path) -> None:
     before = {p: p.read_bytes() for p in share_paths(aged_store)}
     checker = run_pass(aged_store, tmp_path / "state.json", ExpirySettings(enabled=False))

@@ -133,6 +133,8 @@ def expiry_settings(section: Mapping[str, str]) -> ExpirySettings:
         raise ExpirySettingError("[storage] expire.cutoff_date applies only to expire.mode = cutoff-date")
     cycle_text = section.get("expire.cycle_time")
     cycle_time = DEFAULT_CYCLE_TIME if cycle_text is None else _parse(parse_duration, "expire.cycle_time", cycle_text)
+    if cycle_time < 1:  # no rest at all would spin over a small store
+        raise ExpirySettingError("[storage] expire.cycle_time: at least 1 second")
     return ExpirySettings(
         enabled=enabled,
         mode=mode,

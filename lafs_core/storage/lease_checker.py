@@ -133,6 +133,9 @@ def _sorted_names(directory: Path) -> list[str]:
         return sorted(os.listdir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:  # unreadable: its shares are kept, as a share that cannot be read is
+        log.warning("lease checker: cannot list %s: %s", directory, exc.strerror)
+        return []
 
 
 def buckets_after(shares_dir: Path, position: str | None) -> Iterator[str]:
@@ -168,6 +171,7 @@ class LeaseChecker:
         self.pacing = pacing or Pacing()
         self._sleep = sleep
         self.state = load_state(state_path)
+        self._save_error: str | None = None
         if self.state.current_pass is not None:  # a server stopped or killed during a pass
             self.state.resumed = True
 
@@ -193,10 +197,22 @@ class LeaseChecker:
             state.so_far.add(await self._access(functools.partial(self._check_bucket, storage_index=storage_index)))
             state.position = name
             if trio.current_time() >= deadline:
-                save_state(self._state_path, state)
+                self._save()
                 return False
         self._finish_pass()
         return True
+
+    def _save(self) -> None:
+        """Save the state; when the disk refuses (full, failing), go on from the state in memory, and say so once
+        per kind of error: the server must keep serving then, and a restart only repeats some of the pass."""
+        try:
+            save_state(self._state_path, self.state)
+        except OSError as exc:
+            if exc.strerror != self._save_error:
+                log.warning("lease checker: cannot save its place in %s: %s", self._state_path, exc.strerror)
+            self._save_error = exc.strerror
+        else:
+            self._save_error = None
 
     def _finish_pass(self) -> None:
         """Keep the pass's counts as the last pass's, save them, then log them (so the log never runs ahead of
@@ -213,7 +229,7 @@ class LeaseChecker:
         state.passes_finished += 1
         state.current_pass, state.position, state.pass_started, state.resumed = None, None, None, False
         state.so_far = PassCounts()
-        save_state(self._state_path, state)
+        self._save()
         log.info(
             "lease checker: pass %d finished%s: %d shares in %d buckets examined, %d expired, %d deleted, "
             "%d bytes reclaimed, %d unreadable (%s)",
