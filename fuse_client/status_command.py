@@ -89,9 +89,7 @@ def renewal_summary(state: dict[str, Any]) -> str:
         if state.get("repair"):
             found += f", {last['repaired']} repaired"
             if last["repair_failed"]:
-                found += (
-                    f", {_count(len(last['repair_failed']), 'repair')} failed ({_first_paths(last['repair_failed'])})"
-                )
+                found += f", {_count(last['repair_failures'], 'repair')} failed ({_first_paths(last['repair_failed'])})"
         parts.append(found)
     progress = state["progress"]
     if progress is not None:

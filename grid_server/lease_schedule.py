@@ -26,6 +26,10 @@ and a short-lived one leaves the first cycle due at the next mount."""
 FORMAT = 1  # the saved state's version
 
 
+FAILED_PATHS_KEPT = 20
+"""Paths of failed repairs a cycle's result names (it counts them all)."""
+
+
 @dataclass(frozen=True)
 class Tally:
     """What a cycle found: objects whose leases every answering server renewed, objects some server failed to
@@ -40,7 +44,10 @@ class Tally:
     failed_servers: frozenset[str] = frozenset()
     unlisted: tuple[Path, ...] = ()
     repaired: int = 0
+    repair_failures: int = 0
     repair_failed: tuple[Path, ...] = ()
+    """The first FAILED_PATHS_KEPT of them: a grid too small to be happy fails every repair, and the state is
+    saved after every object."""
 
     @property
     def objects(self) -> int:
@@ -112,7 +119,8 @@ def renewed(running: Running, path: Path, failed_servers: Iterable[str], repaire
     if repaired:
         tally = replace(tally, repaired=tally.repaired + 1)
     elif repaired is not None:
-        tally = replace(tally, repair_failed=(*tally.repair_failed, path))  # paths only grow: still sorted
+        kept = tally.repair_failed if len(tally.repair_failed) >= FAILED_PATHS_KEPT else (*tally.repair_failed, path)
+        tally = replace(tally, repair_failures=tally.repair_failures + 1, repair_failed=kept)  # still sorted
     return replace(running, position=path, tally=tally)
 
 
@@ -182,6 +190,7 @@ def tally_json(tally: Tally) -> dict[str, Any]:
         "failed_servers": sorted(tally.failed_servers),
         "unlisted": [list(path) for path in tally.unlisted],
         "repaired": tally.repaired,
+        "repair_failures": tally.repair_failures,
         "repair_failed": [list(path) for path in tally.repair_failed],
     }
 
@@ -204,7 +213,7 @@ def _tally(saved: Any) -> Tally:
         raise ValueError("failed servers are not names")
     unlisted_paths = tuple(sorted({_path(path) for path in saved["unlisted"]}))
     # Saved before background repair existed: no repair counts, none done.
-    repair_failed = tuple(sorted({_path(path) for path in saved.get("repair_failed", [])}))
+    repair_failed = tuple(sorted({_path(path) for path in saved.get("repair_failed", [])}))[:FAILED_PATHS_KEPT]
     return Tally(
         _count(saved["renewed"]),
         _count(saved["errors"]),
@@ -212,6 +221,7 @@ def _tally(saved: Any) -> Tally:
         frozenset(servers),
         unlisted_paths,
         _count(saved.get("repaired", 0)),
+        _count(saved.get("repair_failures", len(repair_failed))),
         repair_failed,
     )
 

@@ -192,6 +192,7 @@ def test_a_cycle_renews_every_share_of_every_object_and_status_shows_it(
             "failed_servers": [],
             "unlisted": [],
             "repaired": 0,
+            "repair_failures": 0,
             "repair_failed": [],
         }
         assert state["repair"] is False
@@ -309,6 +310,7 @@ def test_status_line_of_a_cycle_with_problems() -> None:
             "failed_servers": ["alpha", "beta"],
             "unlisted": ["/a", "/b", "/c", "/d"],
             "repaired": 3,
+            "repair_failures": 1,
             "repair_failed": ["/e"],
         },
         "repair": True,

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from grid_server.lease_schedule import (
+    FAILED_PATHS_KEPT,
     FIRST_CYCLE_DELAY,
     CycleResult,
     Done,
@@ -72,6 +73,7 @@ def test_outcomes_are_tallied_and_unlisted_directories_noted_once() -> None:
         failed_servers=frozenset({"alpha", "beta"}),
         unlisted=(("a",),),
         repaired=1,
+        repair_failures=1,
         repair_failed=(("e",),),
     )
     assert running.tally.objects == 6 and running.position == ("e",)
@@ -166,8 +168,18 @@ def test_running_is_saved_with_its_position_and_the_last_result() -> None:
     assert saved_and_loaded(Done(last)) == Done(last)
 
 
+def test_failed_repairs_are_all_counted_and_the_first_ones_named() -> None:
+    """A grid too small to be happy fails every repair: the result stays small, as it is saved after each object."""
+    running = start(Idle(0.0), now=1.0)
+    for number in range(FAILED_PATHS_KEPT + 5):
+        running = renewed(running, (f"{number:03}",), [], repaired=False)
+    assert running.tally.repair_failures == FAILED_PATHS_KEPT + 5
+    assert running.tally.repair_failed == tuple((f"{number:03}",) for number in range(FAILED_PATHS_KEPT))
+    assert saved_and_loaded(running) == running
+
+
 def test_a_schedule_saved_before_background_repair_loads_with_no_repairs() -> None:
     saved = to_json(Done(CycleResult(1.0, 2.0, Tally(renewed=3))))
-    for key in ("repaired", "repair_failed"):
+    for key in ("repaired", "repair_failures", "repair_failed"):
         del saved["result"]["tally"][key]
     assert from_json(saved) == Done(CycleResult(1.0, 2.0, Tally(renewed=3)))
