@@ -104,7 +104,7 @@ def add_mount_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     mount.add_argument("--foreground", action="store_true", help="serve in this process until unmounted or Ctrl-C")
     mount.add_argument(
         "--cache-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         metavar="SECONDS",
         help=f"re-read directories from the grid when their copy is older than this (default "
         f"{FilesystemOptions.cache_timeout:g})",
@@ -135,7 +135,7 @@ def add_mount_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     add_node_directory_option(unmount)
     unmount.add_argument(
         "--timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=UNMOUNT_TIMEOUT,
         metavar="SECONDS",
         help=f"how long to wait for pending uploads (default {UNMOUNT_TIMEOUT:g}); uploads that make no progress "
@@ -149,7 +149,7 @@ def add_mount_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     unmount.set_defaults(handler=unmount_command)
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
