@@ -19,6 +19,7 @@ from . import debug_commands
 from .grid_commands import add_grid_commands
 from .maintenance_commands import add_maintenance_commands
 from .mount_commands import add_mount_commands
+from .mount_helper_install import add_install_command
 from .node_options import add_node_directory_option
 from .status_command import add_status_command
 from .storage_commands import add_storage_commands
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_maintenance_commands(commands)
     add_storage_commands(commands)
     add_mount_commands(commands)
+    add_install_command(commands)
     add_status_command(commands)
 
     debug = commands.add_parser("debug", help="inspect formats without a grid")
