@@ -192,4 +192,7 @@ def _usage_failure(error: HelperError) -> int:
 HELPERS = {"mount": mount_main, "umount": umount_main}
 
 if __name__ == "__main__":  # python -m fuse_client.mount_helper mount|umount ARGS, as the installed scripts run it
-    sys.exit(HELPERS[sys.argv[1]](sys.argv[2:]))
+    helper = HELPERS.get(sys.argv[1] if len(sys.argv) > 1 else "")
+    if helper is None:
+        sys.exit(_usage_failure(HelperError("usage: python -m fuse_client.mount_helper mount|umount ARGS...")))
+    sys.exit(helper(sys.argv[2:]))
