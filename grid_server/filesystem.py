@@ -11,6 +11,7 @@ entry are on the grid. Mutable files keep their cap: a write publishes a new ver
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import secrets
@@ -92,6 +93,11 @@ from .write_back import WriteBack
 log = logging.getLogger("blackmatch.filesystem")
 
 CAP_XATTR, READCAP_XATTR = "user.tahoe.cap", "user.tahoe.readcap"
+# What `blackmatch flush` reads on any path of the mount (through FUSE, so the same in both modes): FLUSH_XATTR has
+# every pending change tried now and answers how far the queue is, QUEUE_XATTR only answers. Neither is listed.
+FLUSH_XATTR, QUEUE_XATTR = "user.blackmatch.flush", "user.blackmatch.queue"
+FLUSH_FAILURES_SHOWN = 3  # failing items a flush answer names (it must stay far below the 64 KiB xattr limit)
+FLUSH_ERROR_CHARS = 300
 READDIR_BATCH = 512
 DRAIN_CHECK = 1.0  # seconds between a drain's looks at whether anything moved
 DRAIN_GIVE_UP = 120.0  # seconds a drain waits while nothing moves (the grid is unreachable) before it gives up
@@ -202,12 +208,7 @@ class GridFilesystem:
         A drain that starts where an earlier one gave up, nothing having moved since, waits only DRAIN_AGAIN
         seconds (a few upload retries) for something to move: the end of a mount, and then its grid server, each
         drain the same root, and a grid found down once is not waited out again by each of them."""
-        for inode in self.inodes:
-            if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
-                self.uploader.queue(inode.local)
-        self.publisher.retries.retry_now()
-        if len(self.stale_links):
-            self.link_sweeper.now()
+        self._urge()
         mark, quiet_since = self._progress_mark(), trio.current_time()
         patience = min(give_up_after, DRAIN_AGAIN) if mark == self._gave_up_at else give_up_after
         while self.outstanding():
@@ -226,6 +227,34 @@ class GridFilesystem:
                 log.warning("unmounting with %d changes still queued; they resume on the next mount", left)
                 return False
         return True
+
+    def _urge(self) -> None:
+        """Have every pending change tried now: closed files uploaded, failed directory updates and link sweeps
+        retried without waiting for their back-off (the grid may be back)."""
+        for inode in self.inodes:
+            if inode.local is not None and inode.local.dirty and inode.local.writers == 0:
+                self.uploader.queue(inode.local)
+        self.publisher.retries.retry_now()
+        if len(self.stale_links):
+            self.link_sweeper.now()
+
+    async def _flush_progress(self) -> bytes:
+        """How far the root is from having every change on the grid, as the JSON `blackmatch flush` reads:
+        changes `left` (drain's count), uploads in flight, share bytes stored so far, and the first few failing
+        items with their last error."""
+        state = await self.queue_state()
+        failing = [
+            {"what": what, "item": entry["item"], "error": _shortened(str(entry["error"]), FLUSH_ERROR_CHARS)}
+            for what, key in (("upload", "uploads"), ("directory update", "publishes"), ("link sweep", "link_sweeps"))
+            for entry in state[key]["failing"]
+        ]
+        progress = {
+            "left": self.outstanding(),
+            "uploading": self.uploader.in_flight(),
+            "stored_bytes": self.grid.stored_bytes,
+            "failing": failing[:FLUSH_FAILURES_SHOWN],
+        }
+        return json.dumps(progress).encode()
 
     async def queue_state(self) -> dict[str, Any]:
         """What the write-back queue holds: changes pending, uploads and publishes waiting, in flight, or failing
@@ -1513,6 +1542,10 @@ class GridFilesystem:
 
     async def getxattr(self, inode: int, name: str) -> bytes:
         node = self.inodes[inode]
+        if name in (FLUSH_XATTR, QUEUE_XATTR):
+            if name == FLUSH_XATTR:
+                self._urge()
+            return await self._flush_progress()
         if name in (CAP_XATTR, READCAP_XATTR):
             value = self._cap_value(node, name)
             if value is None:
@@ -1528,6 +1561,8 @@ class GridFilesystem:
         made before caps were unlisted carries them, and rsync -X back onto the same entries sets them again);
         any other value is EPERM, which cp -a ignores and tar reports as a warning."""
         node = self.inodes[inode]
+        if name in (FLUSH_XATTR, QUEUE_XATTR):
+            raise FsError(errno.EPERM, "the flush attributes can only be read")
         if name in (CAP_XATTR, READCAP_XATTR):
             if value != self._cap_value(node, name):
                 raise FsError(errno.EPERM, "a cap attribute can only be set to the cap it already shows")
@@ -1549,8 +1584,8 @@ class GridFilesystem:
 
     async def removexattr(self, inode: int, name: str) -> None:
         node = self.inodes[inode]
-        if name in (CAP_XATTR, READCAP_XATTR):
-            raise FsError(errno.EPERM, "cap attributes cannot be removed")
+        if name in (CAP_XATTR, READCAP_XATTR, FLUSH_XATTR, QUEUE_XATTR):
+            raise FsError(errno.EPERM, "cap and flush attributes cannot be removed")
         self._check_writable(node.parent)
         fields = self._fields(node)
         if name not in fields.xattrs:
@@ -1558,6 +1593,10 @@ class GridFilesystem:
         del fields.xattrs[name]
         fields.ctime_ns = time.time_ns()
         self._change_fields(node, fields)
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def fsync_and_close(descriptors: list[int], directory: Path) -> None:
