@@ -16,6 +16,7 @@ from pathlib import Path
 from lafs_core.errors import LafsError, sole_exception
 
 from . import debug_commands
+from .flush_command import add_flush_command
 from .grid_commands import add_grid_commands
 from .maintenance_commands import add_maintenance_commands
 from .mount_commands import add_mount_commands
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mount_commands(commands)
     add_install_command(commands)
     add_status_command(commands)
+    add_flush_command(commands)
 
     debug = commands.add_parser("debug", help="inspect formats without a grid")
     debug_sub = debug.add_subparsers(dest="debug_command", metavar="DEBUGCOMMAND", required=True)

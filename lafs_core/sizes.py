@@ -16,3 +16,11 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError(f"not a size in bytes: {text!r}")
     return int(match.group(1)) * _SUFFIXES[match.group(2).upper()]
+
+
+def format_size(count: int) -> str:
+    """Bytes for people to read, in the same binary units: `512 B`, `1.5 KiB`, `12.0 MiB`."""
+    for suffix in ("T", "G", "M", "K"):
+        if count >= _SUFFIXES[suffix]:
+            return f"{count / _SUFFIXES[suffix]:.1f} {suffix}iB"
+    return f"{count} B"
