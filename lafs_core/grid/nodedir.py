@@ -19,10 +19,10 @@ import configparser
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -30,6 +30,8 @@ from .. import base32
 from ..durations import DAY, parse_duration
 from ..errors import LafsError
 from ..sizes import parse_size
+
+N = TypeVar("N", int, float)
 
 DEFAULT_NEEDED = 3
 DEFAULT_HAPPY = 7
@@ -149,35 +151,20 @@ class NodeDirectory:
                 interval = parse_duration(interval_text) or None
             except ValueError as exc:
                 raise NodeDirectoryError(f"tahoe.cfg: [blackmatch] lease.renewal_interval: {exc}, or off") from None
-        rate_text = config.get("blackmatch", "lease.renewal_rate", fallback="").strip()
-        rate = DEFAULT_RENEWAL_RATE
-        if rate_text:
-            try:
-                rate = float(rate_text)
-            except ValueError:
-                rate = math.nan
-            if not 0 < rate < math.inf:
-                raise NodeDirectoryError(
-                    f"tahoe.cfg: [blackmatch] lease.renewal_rate = {rate_text!r}: use objects a second, above 0"
-                )
+        rate = _positive(config, "lease.renewal_rate", float, DEFAULT_RENEWAL_RATE, "use objects a second, above 0")
         repair = _boolean(config, "blackmatch", "repair.background")
         if repair and interval is None:
             raise NodeDirectoryError(
                 "tahoe.cfg: [blackmatch] repair.background needs lease renewal: it checks what a renewal cycle "
                 "visits, and lease.renewal_interval is off"
             )
-        bandwidth_text = config.get("blackmatch", "repair.bandwidth", fallback="").strip()
-        bandwidth = DEFAULT_REPAIR_BANDWIDTH
-        if bandwidth_text:
-            try:
-                bandwidth = parse_size(bandwidth_text)
-            except ValueError:
-                bandwidth = 0
-            if bandwidth <= 0:
-                raise NodeDirectoryError(
-                    f"tahoe.cfg: [blackmatch] repair.bandwidth = {bandwidth_text!r}: use bytes a second, above 0 "
-                    "(suffixes K, M, G)"
-                )
+        bandwidth = _positive(
+            config,
+            "repair.bandwidth",
+            parse_size,
+            DEFAULT_REPAIR_BANDWIDTH,
+            "use bytes a second, above 0 (suffixes K, M, G)",
+        )
         return LeaseRenewalConfig(interval, rate, repair, bandwidth)
 
     # --- secrets ---------------------------------------------------------------------------------------------
@@ -234,6 +221,20 @@ class NodeDirectory:
             for spec in parse_announcement_list(_load_yaml(cache) or []):
                 specs.setdefault(spec.server_id, spec)
         return list(specs.values())
+
+
+def _positive(config: configparser.ConfigParser, key: str, parse: Callable[[str], N], default: N, hint: str) -> N:
+    """`[blackmatch] key`: a number above 0 (finite), as `parse` reads it; `default` when absent or empty."""
+    text = config.get("blackmatch", key, fallback="").strip()
+    if not text:
+        return default
+    try:
+        value = parse(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < math.inf:
+        raise NodeDirectoryError(f"tahoe.cfg: [blackmatch] {key} = {text!r}: {hint}")
+    return value
 
 
 def _boolean(config: configparser.ConfigParser, section: str, key: str) -> bool:
