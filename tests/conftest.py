@@ -13,3 +13,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageCluster
     restart servers)."""
     with StorageCluster(tmp_path_factory.mktemp("cluster"), 5) as running:
         yield running
+
+
+@pytest.fixture
+def all_running(cluster: StorageCluster) -> Iterator[StorageCluster]:
+    """The cluster, with every server started again after the test, whatever it stopped."""
+    yield cluster
+    for index, process in enumerate(cluster.processes):
+        if not process.running:
+            cluster.restart(index)

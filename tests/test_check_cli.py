@@ -12,7 +12,6 @@ import json
 import os
 import struct
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,15 +60,6 @@ TAHOE_RESULT_KEYS = {
 @pytest.fixture(scope="module")
 def node(cluster: StorageCluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(cluster.create_node(tmp_path_factory.mktemp("client") / "node", 3, 5, 10))
-
-
-@pytest.fixture
-def all_running(cluster: StorageCluster) -> Iterator[StorageCluster]:
-    """The cluster, with every server started again after the test, whatever it stopped."""
-    yield cluster
-    for index, process in enumerate(cluster.processes):
-        if not process.running:
-            cluster.restart(index)
 
 
 def put(node: str, data: bytes, tmp_path: Path, *args: str) -> str:

@@ -12,7 +12,6 @@ import itertools
 import os
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,15 +34,6 @@ NEEDED, HAPPY, TOTAL = 3, 5, 10
 @pytest.fixture(scope="module")
 def node(cluster: StorageCluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(cluster.create_node(tmp_path_factory.mktemp("client") / "node", NEEDED, HAPPY, TOTAL))
-
-
-@pytest.fixture
-def all_running(cluster: StorageCluster) -> Iterator[StorageCluster]:
-    """The cluster, with every server started again after the test, whatever it stopped."""
-    yield cluster
-    for index, process in enumerate(cluster.processes):
-        if not process.running:
-            cluster.restart(index)
 
 
 def put(node: str, data: bytes, tmp_path: Path, *target: str) -> str:
